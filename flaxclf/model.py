@@ -1,0 +1,146 @@
+"""The classifier: BERT backbone -> pooling -> dropout -> Dense, as PyTorch's BertForSequenceClassification."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flaxclf.backbone import BertSpec, FlaxBertModule, FlaxBertPooler
+
+Pooling = Literal["cls_pooler", "cls", "mean", "max"]
+POOLINGS: tuple[str, ...] = ("cls_pooler", "cls", "mean", "max")
+SINGLE, MULTI, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
+PROBLEM_TYPES: tuple[str, ...] = (SINGLE, MULTI, REGRESSION)
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Everything that fixes the classifier's math and its labels; separate from the run config."""
+
+    backbone: BertSpec = field(default_factory=BertSpec)
+    num_labels: int = 2
+    pooling: Pooling = "cls_pooler"
+    problem_type: str | None = None  # None: decided from the labels, as PyTorch does
+    classifier_dropout: float | None = None  # None: backbone.hidden_dropout_prob
+    label_names: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling {self.pooling!r} is not known; use one of {', '.join(POOLINGS)}")
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type {self.problem_type!r} is not known; use one of {', '.join(PROBLEM_TYPES)}")
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {self.num_labels}")
+        if self.problem_type == REGRESSION and self.num_labels != 1:
+            raise ValueError(f"regression needs num_labels == 1, got {self.num_labels}")
+        if self.label_names and len(self.label_names) != self.num_labels:
+            raise ValueError(f"{len(self.label_names)} label names for num_labels={self.num_labels}")
+
+    @property
+    def dropout_rate(self) -> float:
+        cd = self.classifier_dropout
+        return self.backbone.hidden_dropout_prob if cd is None else cd
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        names = self.label_names or tuple(f"LABEL_{i}" for i in range(self.num_labels))
+        return dict(enumerate(names))
+
+    def replace(self, **changes: Any) -> ClassifierConfig:
+        return replace(self, **changes)
+
+    @classmethod
+    def from_hf_config(cls, hf: Any, **overrides: Any) -> ClassifierConfig:
+        """From a transformers BertConfig; its num_labels/id2label/problem_type/classifier_dropout are defaults."""
+        names = tuple(hf.id2label[i] for i in sorted(hf.id2label)) if getattr(hf, "id2label", None) else ()
+        if names and all(n == f"LABEL_{i}" for i, n in enumerate(names)):
+            names = ()  # HF's placeholder names carry no information
+        fields = dict(backbone=BertSpec.from_hf_config(hf), num_labels=hf.num_labels, label_names=names,
+                      problem_type=getattr(hf, "problem_type", None),
+                      classifier_dropout=getattr(hf, "classifier_dropout", None))
+        fields.update({k: v for k, v in overrides.items()})
+        if "num_labels" in overrides and "label_names" not in overrides and \
+                len(fields["label_names"]) != fields["num_labels"]:
+            fields["label_names"] = ()
+        return cls(**fields)
+
+    def to_hf_config(self):
+        """A BertConfig that PyTorch's BertForSequenceClassification.from_pretrained reads as this classifier."""
+        id2label = self.id2label
+        return self.backbone.to_hf_config(
+            num_labels=self.num_labels, id2label=id2label, label2id={v: k for k, v in id2label.items()},
+            problem_type=self.problem_type, classifier_dropout=self.classifier_dropout,
+            architectures=["BertForSequenceClassification"])
+
+
+def pool(hidden_BxLxD: jax.Array, mask_BxL: jax.Array, pooling: str) -> jax.Array:
+    """The vector each strategy hands on: position 0, or the masked mean / max over real tokens."""
+    if pooling in ("cls", "cls_pooler"):
+        return hidden_BxLxD[:, 0]
+    m = mask_BxL[..., None].astype(jnp.float32)
+    h = hidden_BxLxD.astype(jnp.float32)
+    if pooling == "mean":
+        out = (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+    else:  # max: padding can never win, and an all-pad row gives 0 rather than -inf
+        out = jnp.where(m > 0, h, -jnp.inf).max(1)
+        out = jnp.where(jnp.isfinite(out), out, 0.0)
+    return out.astype(hidden_BxLxD.dtype)
+
+
+class BertClassifier(nn.Module):
+    """BertForSequenceClassification in Flax; logits come out in float32 whatever the compute dtype."""
+
+    config: ClassifierConfig
+    dtype: Any = jnp.float32  # compute dtype; the parameters keep their own dtype
+    remat: bool = False  # gradient checkpointing of each encoder layer
+
+    def setup(self):
+        hf = self.config.backbone.to_hf_config()
+        self.bert = FlaxBertModule(hf, dtype=self.dtype, add_pooling_layer=False,
+                                   gradient_checkpointing=self.remat)
+        if self.config.pooling == "cls_pooler":
+            self.pooler = FlaxBertPooler(hf, dtype=self.dtype)  # tanh(dense(h[:, 0])), params pooler/dense
+        self.dropout = nn.Dropout(rate=self.config.dropout_rate)
+        init = jax.nn.initializers.normal(self.config.backbone.initializer_range)  # as HF's _init_weights
+        self.classifier = nn.Dense(self.config.num_labels, dtype=self.dtype, kernel_init=init,
+                                   bias_init=jax.nn.initializers.zeros)
+
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True):
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
+        return self.head(hidden, attention_mask, deterministic=deterministic)
+
+    def encode(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True):
+        """The backbone's final hidden states, [B, L, D]."""
+        out = self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic, return_dict=False)
+        return out[0]
+
+    def head(self, hidden_BxLxD, attention_mask, *, deterministic: bool = True):
+        """Pooling -> (pooler) -> dropout -> classifier, from final hidden states to float32 logits [B, C]."""
+        if self.config.pooling == "cls_pooler":
+            x = self.pooler(hidden_BxLxD)
+        else:
+            x = pool(hidden_BxLxD, attention_mask, self.config.pooling)
+        x = self.dropout(x, deterministic=deterministic)
+        return self.classifier(x).astype(jnp.float32)
+
+
+def dummy_inputs(batch: int = 1, length: int = 8) -> dict[str, jax.Array]:
+    ids = jnp.zeros((batch, length), jnp.int32)
+    return dict(input_ids=ids, attention_mask=jnp.ones_like(ids), token_type_ids=ids)
+
+
+def init_params(model: BertClassifier, rng: jax.Array, param_dtype: Any = jnp.float32) -> dict:
+    """Fresh parameters (HF's initializers), cast to the storage dtype."""
+    params = model.init(rng, **dummy_inputs())
+    return cast_floats(params, param_dtype)
+
+
+def cast_floats(tree: Any, dtype: Any) -> Any:
+    """Casts the floating leaves of a tree (parameters are fp32 unless param_dtype says otherwise)."""
+    def cast(x):
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x
+    return jax.tree.map(cast, tree)

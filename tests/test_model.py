@@ -1,0 +1,139 @@
+"""The classifier against PyTorch's BertForSequenceClassification: logits, losses, and what feeds the head."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from flaxclf import losses
+from flaxclf.model import MULTI, REGRESSION, SINGLE, BertClassifier, ClassifierConfig, init_params
+from flaxclf.weights import from_pretrained
+from tests.torch_ref import TINY, batch, saved_torch_classifier, torch_logits
+
+
+def test_parity_small_random_config(tmp_path):
+    ref = saved_torch_classifier(tmp_path)
+    model, params = from_pretrained(str(tmp_path))
+    b = batch(TINY["vocab_size"])
+    got = np.asarray(model.apply(params, **{k: jnp.asarray(v) for k, v in b.items()}))
+    want, _ = torch_logits(ref, b)
+    assert np.abs(want).max() > 0.1  # a head that really moves the logits
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_parity_real_minilm_with_padding_and_segments(minilm_dir, tmp_path):
+    ref = transformers.BertForSequenceClassification.from_pretrained(minilm_dir, num_labels=4).eval()
+    with torch.no_grad():
+        ref.classifier.weight.normal_(0, 0.5)
+    ref.save_pretrained(tmp_path)
+    model, params = from_pretrained(str(tmp_path))
+    b = batch(30522, b=4, length=24, seed=1)
+    got = np.asarray(model.apply(params, **{k: jnp.asarray(v) for k, v in b.items()}))
+    want, _ = torch_logits(ref, b)
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("problem_type,num_labels", [(SINGLE, 3), (MULTI, 3), (REGRESSION, 1)])
+def test_loss_parity_with_pytorch(tmp_path, problem_type, num_labels):
+    ref = saved_torch_classifier(tmp_path, num_labels=num_labels, problem_type=problem_type)
+    model, params = from_pretrained(str(tmp_path))
+    b = batch(TINY["vocab_size"])
+    rng = np.random.default_rng(3)
+    labels = {SINGLE: rng.integers(0, 3, 4), MULTI: rng.integers(0, 2, (4, 3)).astype(np.float32),
+              REGRESSION: rng.normal(size=4).astype(np.float32)}[problem_type]
+    _, want = torch_logits(ref, b, labels)
+    logits = model.apply(params, **{k: jnp.asarray(v) for k, v in b.items()})
+    got = float(losses.loss(problem_type, logits, jnp.asarray(labels)))
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    # Padded examples (weight 0) leave the loss as it was, whatever their labels and logits.
+    pad_logits = jnp.concatenate([logits, 100.0 * jnp.ones_like(logits[:2])])
+    pad_labels = jnp.concatenate([jnp.asarray(labels), jnp.asarray(labels[:2])])
+    weight = jnp.array([1.0] * 4 + [0.0] * 2)
+    assert float(losses.loss(problem_type, pad_logits, pad_labels, weight)) == pytest.approx(got, rel=1e-6)
+
+
+def test_problem_type_inferred_as_pytorch_does():
+    assert losses.infer_problem_type(1, np.array([0.5])) == REGRESSION
+    assert losses.infer_problem_type(3, np.array([0, 2])) == SINGLE
+    assert losses.infer_problem_type(3, np.array([[0.0, 1.0, 1.0]])) == MULTI
+
+
+def _tiny_classifier(pooling):
+    from flaxclf.backbone import BertSpec
+
+    cfg = ClassifierConfig(backbone=BertSpec(**TINY), num_labels=3, pooling=pooling)
+    model = BertClassifier(cfg)
+    params = init_params(model, jax.random.PRNGKey(0))
+    # A large head so that any influence shows far above float noise.
+    params = jax.tree.map(lambda x: x * 20 if x.ndim == 2 and x.shape[-1] == 3 else x, params)
+    return model, params
+
+
+def test_cls_pooler_classifies_on_position_zero_only():
+    model, params = _tiny_classifier("cls_pooler")
+    b = {k: jnp.asarray(v) for k, v in batch(TINY["vocab_size"]).items()}
+    hidden = model.apply(params, **b, method=BertClassifier.encode)
+    base = model.apply(params, hidden, b["attention_mask"], method=BertClassifier.head)
+    noise = jax.random.normal(jax.random.PRNGKey(1), hidden.shape)
+    off_zero = hidden.at[:, 1:].add(noise[:, 1:])
+    at_zero = hidden.at[:, 0].add(noise[:, 0])
+    assert np.array_equal(model.apply(params, off_zero, b["attention_mask"], method=BertClassifier.head), base)
+    moved = model.apply(params, at_zero, b["attention_mask"], method=BertClassifier.head)
+    assert np.abs(np.asarray(moved - base)).min() > 1e-3
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max"])
+def test_masked_poolings_ignore_padding(pooling):
+    model, params = _tiny_classifier(pooling)
+    b = {k: jnp.asarray(v) for k, v in batch(TINY["vocab_size"]).items()}
+    hidden = model.apply(params, **b, method=BertClassifier.encode)
+    base = model.apply(params, hidden, b["attention_mask"], method=BertClassifier.head)
+    pad = (b["attention_mask"] == 0)[..., None]
+    shaken = jnp.where(pad, hidden + 1e3, hidden)
+    np.testing.assert_array_equal(model.apply(params, shaken, b["attention_mask"], method=BertClassifier.head), base)
+    real = jnp.where(pad, hidden, hidden + 1.0)
+    moved = model.apply(params, real, b["attention_mask"], method=BertClassifier.head)
+    assert np.abs(np.asarray(moved - base)).max() > 1e-3
+
+
+def test_pooler_params_exist_only_where_used():
+    for pooling, has in [("cls_pooler", True), ("cls", False), ("mean", False), ("max", False)]:
+        _, params = _tiny_classifier(pooling)
+        assert ("pooler" in params["params"]) is has
+
+
+def test_bf16_compute_keeps_fp32_params_and_fp32_logits(tmp_path):
+    saved_torch_classifier(tmp_path)
+    model, params = from_pretrained(str(tmp_path), dtype=jnp.bfloat16)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    b = {k: jnp.asarray(v) for k, v in batch(TINY["vocab_size"]).items()}
+    logits = model.apply(params, **b)
+    ref_model, _ = from_pretrained(str(tmp_path))
+    assert logits.dtype == jnp.float32
+    # bf16 has an 8-bit mantissa; over two tiny layers the logits stay within a few hundredths.
+    np.testing.assert_allclose(logits, ref_model.apply(params, **b), atol=5e-2)
+
+
+def test_remat_gives_the_same_gradients(tmp_path):
+    saved_torch_classifier(tmp_path)
+    b = {k: jnp.asarray(v) for k, v in batch(TINY["vocab_size"]).items()}
+
+    def grads(remat):
+        model, params = from_pretrained(str(tmp_path), remat=remat)
+        return jax.grad(lambda p: model.apply(p, **b).sum())(params)
+
+    for a, r in zip(jax.tree.leaves(grads(False)), jax.tree.leaves(grads(True)), strict=True):
+        np.testing.assert_allclose(a, r, atol=1e-6)
+
+
+def test_importing_flaxclf_does_not_import_torch():
+    code = "import sys, flaxclf, flaxclf.model, flaxclf.weights, flaxclf.losses; print('torch' in sys.modules)"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "USE_TORCH"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "False"
