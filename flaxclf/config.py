@@ -91,6 +91,7 @@ class CheckpointConfig:
     every_steps: int = 500  # 0: only at the end and on preemption
     keep: int = 2
     async_save: bool = True
+    fresh: bool = False  # discard the checkpoints already in the run directory instead of resuming
 
 
 @dataclass

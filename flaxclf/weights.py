@@ -173,10 +173,14 @@ def from_pretrained(name_or_path: str, num_labels: int | None = None, *, label_n
         overrides["problem_type"] = problem_type
     if classifier_dropout != "hf":
         overrides["classifier_dropout"] = classifier_dropout
-    config = ClassifierConfig.from_hf_config(read_hf_config(folder), **overrides)
-    model = BertClassifier(config, dtype=dtype, remat=remat)
+    model = BertClassifier(classifier_config(folder, **overrides), dtype=dtype, remat=remat)
     params = load_params(model, folder, jax.random.PRNGKey(seed))
     return model, cast_floats(params, param_dtype)
+
+
+def classifier_config(folder: str | Path, **overrides: Any) -> ClassifierConfig:
+    """The classifier described by a folder's config.json, with `overrides` (num_labels, pooling, ...)."""
+    return ClassifierConfig.from_hf_config(read_hf_config(folder), **overrides)
 
 
 def load_params(model: BertClassifier, folder: str | Path, rng: jax.Array) -> dict:

@@ -1,17 +1,18 @@
-"""Test set-up: 8 fake CPU devices, and torch-enabled transformers for the PyTorch reference tests."""
+"""Shared test set-up. The environment lines run before anything imports jax: 8 fake CPU devices for sharding,
+and torch-enabled transformers for the PyTorch reference tests."""
 
 import os
 
-# Both must be set before jax is imported anywhere.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # flaxclf keeps torch out of transformers unless told otherwise; the parity tests need transformers' torch
 # models as the reference, so transformers is imported here, first, with torch enabled.
 os.environ["USE_TORCH"] = "1"
+import transformers  # noqa: E402,F401
+
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
-import transformers  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +21,29 @@ def minilm_dir() -> pathlib.Path:
     from flaxclf.assets import resolve_model
 
     return resolve_model("minilm-l6")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, minilm_dir) -> pathlib.Path:
+    """A tiny random BERT (2 layers, width 32) with MiniLM's real tokenizer: fast tests of the whole job."""
+    import shutil
+
+    import jax
+    from safetensors.numpy import save_file
+
+    from flaxclf.backbone import BertSpec
+    from flaxclf.model import BertClassifier, ClassifierConfig, init_params
+    from flaxclf.weights import TOKENIZER_FILES, to_pt_state
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    spec = BertSpec(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                    max_position_embeddings=128)
+    model = BertClassifier(ClassifierConfig(backbone=spec, num_labels=2))
+    state = to_pt_state(init_params(model, jax.random.PRNGKey(0)))
+    state = {k: v for k, v in state.items() if not k.startswith("classifier.")}  # a base BertModel checkpoint
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    spec.to_hf_config(architectures=["BertModel"]).to_json_file(str(folder / "config.json"))
+    for name in TOKENIZER_FILES:
+        if (minilm_dir / name).is_file():
+            shutil.copy2(minilm_dir / name, folder / name)
+    return folder

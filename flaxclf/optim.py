@@ -1,0 +1,60 @@
+"""The optax chain: learning-rate schedule, weight-decay mask, clipping and AdamW, as HF Trainer builds them."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from flaxclf.config import OptimConfig
+from flaxclf.sharding import path_str
+
+
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    """Warmup length; HF TrainingArguments.get_warmup_steps rounds up, so we do too."""
+    return math.ceil(cfg.warmup_ratio * total_steps)
+
+
+def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0, then linear or cosine decay to 0 at `total_steps`, or constant."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps is {total_steps}; training needs at least one optimizer step")
+    warmup = warmup_steps(cfg, total_steps)
+    lr = cfg.learning_rate
+    # Same lambdas as transformers' get_{linear,cosine,constant}_schedule_with_warmup, incl. their max(1, .).
+    decay_len = max(1, total_steps - warmup)
+
+    def schedule(count: Any) -> Any:
+        step = jnp.asarray(count, jnp.float32)
+        warm = step / max(1, warmup)
+        progress = (step - warmup) / decay_len
+        if cfg.schedule == "linear":
+            after = jnp.maximum(0.0, (total_steps - step) / decay_len)
+        elif cfg.schedule == "cosine":
+            after = jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(math.pi * progress)))
+        else:
+            after = jnp.ones_like(step)
+        return lr * jnp.where(step < warmup, warm, after)
+
+    return schedule
+
+
+def decay_mask(params: Any) -> Any:
+    """True for leaves that get weight decay: all but biases and LayerNorm params (embeddings included)."""
+    def decays(key_path: Any, _: Any) -> bool:
+        path = path_str(key_path)
+        return not (path.endswith("bias") or "LayerNorm" in path)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping (when max_grad_norm is set) followed by masked AdamW on the schedule."""
+    adamw = optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    # identity keeps the state's structure (and so checkpoints) the same with and without clipping.
+    clip = optax.identity() if cfg.max_grad_norm is None else optax.clip_by_global_norm(cfg.max_grad_norm)
+    return optax.chain(clip, adamw)

@@ -1,0 +1,87 @@
+"""What a run writes for people: metrics.jsonl, TensorBoard events, a progress bar. Process 0 only."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _scalars(record: dict, prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a metrics record, flattened to 'a/b' names (for TensorBoard)."""
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out.update(_scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drops records logged after `step` (a resumed run logs them again), so no step appears twice."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def read_records(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+class RunLog:
+    """JSONL + TensorBoard + tqdm on process 0; a no-op elsewhere."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, show_progress: bool = True):
+        self.active = jax.process_index() == 0
+        self.path = run_dir / METRICS_FILE
+        self.bar = self.tb = None
+        if not self.active:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        truncate_after(self.path, start_step)
+        from tensorboardX import SummaryWriter
+
+        # purge_step hides events a previous attempt wrote after the checkpoint we resumed from.
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def write(self, record: dict) -> None:
+        if not self.active:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for name, value in _scalars(record).items():
+            if math.isfinite(value):
+                self.tb.add_scalar(name, value, record["step"])
+        self.tb.flush()
+
+    def progress(self, step: int, **postfix: Any) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
+                                 refresh=False)
+            self.bar.refresh()
+
+    def say(self, text: str) -> None:
+        if self.active:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()

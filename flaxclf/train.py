@@ -1,0 +1,334 @@
+"""The fine-tuning job: set-up on a mesh, the loop (async dispatch, eval, checkpoints, preemption), export."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from jax.experimental import multihost_utils
+
+from flaxclf import assets, data, distributed, metrics, sharding, weights
+from flaxclf.checkpoint import Checkpointer, check_compatible, discard, lower_is_better
+from flaxclf.config import RunConfig
+from flaxclf.model import BertClassifier, ClassifierConfig
+from flaxclf.optim import lr_schedule, make_optimizer
+from flaxclf.runlog import RunLog
+from flaxclf.steps import TrainState, abstract_state, compile_steps, create_state, state_shardings
+
+PREEMPTED_EXIT_CODE = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + signal, after a complete checkpoint
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class TrainingError(RuntimeError):
+    """The run can't go on (e.g. a NaN loss); the message says what to change."""
+
+
+class Preempted(SystemExit):
+    """Raised after a signal once the checkpoint is complete; its code is PREEMPTED_EXIT_CODE[signal]."""
+
+
+class _Signals:
+    """First SIGTERM/SIGINT: finish the step, save, exit. A second one exits at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        if _main_thread():  # signal handlers can only be installed from the main thread
+            for sig in PREEMPTED_EXIT_CODE:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        if self.received is not None:
+            os._exit(128 + signum)
+        self.received = signum
+
+    def __exit__(self, *_):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+@dataclass
+class Job:
+    """Everything the loop needs, built once by setup()."""
+
+    cfg: RunConfig
+    run_dir: Path
+    model_dir: Path
+    mesh: jax.sharding.Mesh
+    task: data.Task
+    splits: dict[str, data.TokenizedSplit]
+    model: BertClassifier
+    batches: data.TrainBatches
+    total_steps: int
+    abstract: TrainState
+    shardings: TrainState
+    state: TrainState
+    train_step: Any
+    eval_step: Any
+    schedule: Any
+    ckpt: Checkpointer
+    best: dict  # {"value", "step"} of the best validation metric so far
+
+
+def _classifier(cfg: RunConfig, model_dir: Path, task: data.Task) -> BertClassifier:
+    m = cfg.model
+    overrides = {"num_labels": task.num_labels, "label_names": tuple(task.label_names), "pooling": m.pooling,
+                 "problem_type": m.problem_type or task.problem_type}
+    if m.classifier_dropout is not None:
+        overrides["classifier_dropout"] = m.classifier_dropout
+    config: ClassifierConfig = weights.classifier_config(model_dir, **overrides)
+    return BertClassifier(config, dtype=DTYPES[m.dtype], remat=m.remat)
+
+
+def _meta(job: Job) -> dict:
+    return {"model": job.cfg.model.name, "label_names": list(job.task.label_names),
+            "problem_type": job.model.config.problem_type, "data": job.batches.state(),
+            "config": job.cfg.to_dict(), "best": job.best}
+
+
+def setup(cfg: RunConfig) -> Job:
+    """Mesh, data, model and state (restored from the run directory when it has a checkpoint)."""
+    distributed.initialize(cfg.distributed)
+    mesh = sharding.make_mesh(cfg.mesh)
+    run_dir = Path(cfg.train.output_dir)
+    model_dir = assets.resolve_model(cfg.model.name)
+    task, splits = data.load_task(cfg.data, model_dir)
+    if "train" not in splits:
+        raise data.DataError("there is no training split; set data.train_file or a packaged data.task")
+    model = _classifier(cfg, model_dir, task)
+    batch_s = sharding.batch_sharding(mesh)
+    batches = data.TrainBatches(splits["train"], cfg.train.global_batch_size, cfg.data.buckets, cfg.train.seed,
+                                batch_s, prefetch=cfg.data.prefetch)
+    total = cfg.train.max_steps or cfg.train.epochs * batches.steps_per_epoch
+    tx = make_optimizer(cfg.optim, total)
+    abstract = abstract_state(model, tx, DTYPES[cfg.model.param_dtype])
+    shardings = state_shardings(abstract, mesh)
+    if cfg.checkpoint.fresh and jax.process_index() == 0:
+        discard(run_dir / "checkpoints")
+    multihost_utils.sync_global_devices("flaxclf:fresh")
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, f"validation/{cfg.train.best_metric}")
+    restored = _restore(ckpt, abstract, shardings, cfg, task, run_dir)
+    best = {"value": None, "step": None}
+    if restored is None:
+        host = weights.load_params(model, model_dir, jax.random.PRNGKey(cfg.train.seed))
+        host = jax.tree.map(lambda x: x.astype(DTYPES[cfg.model.param_dtype]), host)
+        state = create_state(host, tx, shardings, cfg.train.seed)
+    else:
+        state, meta = restored
+        batches.restore(meta["data"])
+        best = meta.get("best", best)
+    train_step, eval_step = compile_steps(model, tx, model.config.problem_type, cfg.optim.grad_accum_steps,
+                                          mesh, shardings)
+    return Job(cfg, run_dir, model_dir, mesh, task, splits, model, batches, total, abstract, shardings, state,
+               train_step, eval_step, lr_schedule(cfg.optim, total), ckpt, best)
+
+
+def _restore(ckpt: Checkpointer, abstract, shardings, cfg: RunConfig, task: data.Task, run_dir: Path):
+    steps = ckpt.steps()
+    if not steps:
+        return None
+    check_compatible(ckpt.read_meta(steps[-1]), cfg.model.name, task.label_names, run_dir)
+    out = ckpt.restore(abstract, shardings)
+    if out is None:
+        raise TrainingError(f"no checkpoint in {ckpt.directory} could be read; set checkpoint.fresh=true to "
+                            "start over")
+    return out[1], out[2]
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """A global array as numpy on every process (all processes must call it)."""
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def evaluate(job: Job, params: Any, split: str) -> dict:
+    """Metrics over every example of a split exactly once (padding rows have weight 0), on any mesh."""
+    batch_s = sharding.batch_sharding(job.mesh)
+    out = {"logits": [], "labels": [], "weight": []}
+    for batch in data.eval_batches(job.splits[split], job.cfg.train.eval_batch_size, job.cfg.data.buckets,
+                                   batch_s, prefetch=job.cfg.data.prefetch):
+        logits = job.eval_step(params, batch)
+        for k, v in (("logits", logits), ("labels", batch["labels"]), ("weight", batch["weight"])):
+            out[k].append(_to_host(v))
+    cat = {k: np.concatenate(v) for k, v in out.items()}
+    return metrics.compute_metrics(job.model.config.problem_type, cat["logits"], cat["labels"], cat["weight"],
+                                   job.task.label_names)
+
+
+def _write_run_files(job: Job) -> None:
+    if jax.process_index() != 0:
+        return
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    (job.run_dir / "config.yaml").write_text(yaml.safe_dump(job.cfg.to_dict(), sort_keys=False))
+    labels = {"problem_type": job.model.config.problem_type, "id2label": job.model.config.id2label}
+    (job.run_dir / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
+
+
+class _Window:
+    """Train metrics since the last log line, pulled to the host one step behind the dispatch."""
+
+    def __init__(self):
+        self.loss, self.steps, self.examples, self.grad_norm = 0.0, 0, 0.0, 0.0
+        self.t0 = time.perf_counter()
+
+    def add(self, step: int, m: dict) -> None:
+        m = jax.device_get(m)
+        if not math.isfinite(float(m["loss"])):
+            raise TrainingError(f"the training loss is {float(m['loss'])} at step {step}; lower "
+                                "optim.learning_rate, keep optim.max_grad_norm set, or use model.dtype=float32")
+        self.loss += float(m["loss"])
+        self.grad_norm = float(m["grad_norm"])
+        self.examples += float(m["examples"])
+        self.steps += 1
+
+    def record(self, step: int, lr: float, epoch: float) -> dict:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        return {"step": step, "split": "train", "epoch": round(epoch, 4), "loss": self.loss / max(self.steps, 1),
+                "grad_norm": self.grad_norm, "lr": lr, "examples_per_s": self.examples / dt}
+
+
+def _eval_due(job: Job, step: int) -> bool:
+    every = job.cfg.train.eval_every or job.batches.steps_per_epoch
+    return step % every == 0 or step == job.total_steps
+
+
+def train_loop(job: Job, log: RunLog, signals: _Signals) -> None:
+    """Steps until total_steps: dispatch step n+1 before pulling step n's metrics to the host."""
+    cfg, step = job.cfg, int(jax.device_get(job.state.step))
+    window, pending = _Window(), None
+    while step < job.total_steps:
+        batch = next(job.batches)
+        job.state, m = job.train_step(job.state, batch)
+        step += 1
+        if pending is not None:
+            window.add(*pending)
+        pending = (step, m)
+        eval_now, save_now = _eval_due(job, step), job.ckpt.due(step)
+        stop = _any_process(signals.received is not None, step, cfg.train.log_every)
+        if step % cfg.train.log_every == 0 or eval_now or save_now or stop or step == job.total_steps:
+            window.add(*pending)
+            pending = None
+            record = window.record(step, float(job.schedule(step - 1)), step / job.batches.steps_per_epoch)
+            log.write(record)
+            log.progress(step, loss=record["loss"], ex_per_s=record["examples_per_s"])
+            window = _Window()
+        step_metrics = None
+        if eval_now and "validation" in job.splits:
+            result = evaluate(job, job.state.params, "validation")
+            log.write({"step": step, "split": "validation", **result})
+            shown = {k: round(v, 4) for k, v in metrics.scalars(result).items() if k != "count"}
+            log.say(f"step {step} validation: {shown}")
+            step_metrics = _track_best(job, step, result)
+        if step_metrics is not None or save_now or step == job.total_steps:
+            job.ckpt.save(step, job.state, _meta(job), step_metrics)
+        if stop:
+            job.ckpt.save(step, job.state, _meta(job), step_metrics)
+            job.ckpt.wait()
+            sig = signals.received or signal.SIGTERM
+            log.say(f"stopped by signal {sig} after step {step}; checkpoint {step} is complete; exiting with "
+                    f"code {PREEMPTED_EXIT_CODE[sig]}")
+            log.close()
+            raise Preempted(PREEMPTED_EXIT_CODE[sig])
+    if pending is not None:
+        window.add(*pending)
+
+
+def _any_process(local: bool, step: int, every: int) -> bool:
+    """Whether any process received a stop signal. With several processes they agree every `every` steps
+    (a collective each step would stall async dispatch); one process answers at once."""
+    if jax.process_count() == 1:
+        return local
+    if step % every:
+        return False
+    return bool(multihost_utils.process_allgather(np.array(local)).any())
+
+
+def _track_best(job: Job, step: int, result: dict) -> dict | None:
+    name = job.cfg.train.best_metric
+    value = metrics.scalars(result).get(name)
+    if value is None:
+        raise TrainingError(f"train.best_metric {name!r} is not among the validation metrics "
+                            f"{sorted(metrics.scalars(result))}; pick one of them")
+    better = job.best["value"] is None or (
+        value < job.best["value"] if lower_is_better(name) else value > job.best["value"])
+    if better:
+        job.best = {"value": value, "step": step}
+    return {f"validation/{name}": value}
+
+
+def finish(job: Job, log: RunLog) -> dict:
+    """Waits for checkpoints, exports the best (or final) model in the HF format, evaluates it on test."""
+    job.ckpt.wait()
+    params, which = job.state.params, "final"
+    best_step = job.ckpt.best_step()
+    if job.cfg.train.export == "best" and best_step is not None and best_step != int(job.state.step):
+        params = job.ckpt.restore_params(best_step, job.abstract.params, job.shardings.params)
+        which = f"best (step {best_step})"
+    summary = {"run_dir": str(job.run_dir), "exported": which, "best": job.best, "steps": int(job.state.step)}
+    for split in ("validation", "test"):
+        if split in job.splits:
+            result = evaluate(job, params, split)
+            summary[split] = metrics.scalars(result)
+            log.write({"step": int(job.state.step), "split": f"{split}_{which.split()[0]}", **result})
+    host = jax.tree.map(_to_host, params)
+    if jax.process_index() == 0:
+        if job.model.config.pooling == "cls_pooler":
+            summary["export_dir"] = str(weights.export_hf(job.run_dir / "export", job.model.config, host,
+                                                         job.model_dir))
+        else:
+            log.say(f"no HF export: pooling={job.model.config.pooling!r} has no PyTorch equivalent")
+        (job.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def run(cfg: RunConfig, show_progress: bool = True) -> dict:
+    """The whole job; returns the summary (also written to <output_dir>/summary.json)."""
+    t0 = time.perf_counter()
+    job = setup(cfg)
+    _write_run_files(job)
+    start = int(jax.device_get(job.state.step))
+    log = RunLog(job.run_dir, job.total_steps, start, show_progress)
+    if start:
+        log.say(f"resumed from {job.ckpt.directory / str(start)} at step {start} of {job.total_steps}")
+    try:
+        with _Signals() as signals:
+            train_loop(job, log, signals)
+        summary = finish(job, log)
+    finally:
+        job.batches.close()
+        job.ckpt.close()
+    summary["wall_s"] = time.perf_counter() - t0
+    log.say(_summary_text(summary))
+    log.close()
+    if jax.process_index() == 0:
+        (job.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _summary_text(s: dict) -> str:
+    lines = [f"done: {s['steps']} steps in {s['wall_s']:.0f} s; exported the {s['exported']} model"]
+    for split in ("validation", "test"):
+        if split in s:
+            shown = {k: round(v, 4) for k, v in s[split].items() if k in ("accuracy", "macro_f1", "mse", "pearson",
+                                                                          "micro_f1")}
+            lines.append(f"  {split}: {shown}")
+    lines.append(f"  run directory: {s['run_dir']} (metrics.jsonl, tb/, checkpoints/, export/)")
+    return "\n".join(lines)
