@@ -8,11 +8,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # flaxclf keeps torch out of transformers unless told otherwise; the parity tests need transformers' torch
 # models as the reference, so transformers is imported here, first, with torch enabled.
 os.environ["USE_TORCH"] = "1"
-import transformers  # noqa: E402,F401
-
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
+import transformers  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
