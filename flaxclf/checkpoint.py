@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from flaxclf.config import CheckpointConfig
+from flaxclf import assets, sharding, weights
+from flaxclf.config import CheckpointConfig, MeshConfig, RunConfig, from_dict
+from flaxclf.model import BertClassifier, dummy_inputs
 
 log = logging.getLogger("flaxclf")
 
 LOWER_IS_BETTER = ("loss", "mse")
+CHECKPOINTS = "checkpoints"  # the folder under a run directory
+UNREADABLE_SUFFIX = ".unreadable"  # sibling folder where unreadable checkpoints are moved (never deleted)
 
 
 class CheckpointError(ValueError):
@@ -32,23 +40,36 @@ def sharded_target(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
 class Checkpointer:
     """Saves every `every_steps` steps, on demand (end, eval, preemption); keeps the last `keep` and the best
     by `best_metric`. Items: "state" (arrays, written by every process) and "meta" (JSON)."""
 
-    def __init__(self, directory: str | Path, cfg: CheckpointConfig, best_metric: str):
+    def __init__(self, directory: str | Path, cfg: CheckpointConfig, best_metric: str, read_only: bool = False):
         self.directory = Path(directory).absolute()
-        self.cfg, self.best_metric = cfg, best_metric
+        self.cfg, self.best_metric, self.read_only = cfg, best_metric, read_only
+        reverse = lower_is_better(best_metric)
         policy = pp.AnyPreservationPolicy([
             pp.LatestN(n=cfg.keep),
-            pp.BestN(get_metric_fn=lambda m: m[best_metric], reverse=lower_is_better(best_metric), n=1,
-                     keep_checkpoints_without_metrics=False),
+            pp.BestN(get_metric_fn=self._metric, reverse=reverse, n=1, keep_checkpoints_without_metrics=False),
         ])
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy, enable_async_checkpointing=cfg.async_save, create=True,
+            preservation_policy=policy, enable_async_checkpointing=cfg.async_save, create=not read_only,
+            # Orbax writes the metrics (and ranks by them) only when best_fn is set; the policy above decides
+            # what is kept.
+            best_fn=self._metric, best_mode="min" if reverse else "max",
+            # Leftovers of saves that never finished (a killed process) are not checkpoints.
+            cleanup_tmp_directories=not read_only, read_only=read_only,
             # Interval saves are decided by the loop (orbax's own interval would also save step 1).
             save_decision_policy=None)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def _metric(self, metrics: dict) -> float:
+        return float(metrics[self.best_metric])
 
     def due(self, step: int) -> bool:
         return self.cfg.every_steps > 0 and step % self.cfg.every_steps == 0
@@ -61,25 +82,58 @@ class Checkpointer:
         self.manager.save(step, args=args, metrics=metrics, force=True)
 
     def steps(self) -> list[int]:
+        """Complete checkpoints, oldest first (a save still in flight or torn by a crash is not listed)."""
         return sorted(self.manager.all_steps())
 
     def read_meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def restore(self, abstract: Any, shardings: Any) -> tuple[int, Any, dict] | None:
-        """(step, state, meta) of the newest readable checkpoint, restored onto `shardings`; an unreadable one
-        is skipped with a warning naming it. None when there is no checkpoint."""
+    def restore(self, abstract: Any, shardings: Any,
+                check: Callable[[dict], None] | None = None) -> tuple[int, Any, dict] | None:
+        """(step, state, meta) of the newest readable checkpoint, restored onto `shardings`. An unreadable one
+        is skipped with a warning naming it and moved aside, so that this run can save that step again.
+        `check(meta)` may refuse the run directory (it raises). None when there is no checkpoint."""
         target = sharded_target(abstract, shardings)
+        unreadable = []
         for step in reversed(self.steps()):
             try:
-                out = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+                meta = self.read_meta(step)
             except Exception as e:  # a torn or corrupted write: fall back to the one before
-                log.warning("checkpoint %s is unreadable (%s: %s); falling back to the previous one",
-                            self.directory / str(step), type(e).__name__, str(e).splitlines()[0][:200])
+                unreadable.append(self._skip(step, e))
                 continue
-            return step, out["state"], out["meta"]
+            if check is not None:
+                check(meta)
+            try:
+                state = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target)))["state"]
+            except Exception as e:
+                unreadable.append(self._skip(step, e))
+                continue
+            self._move_aside(unreadable)
+            return step, state, meta
+        self._move_aside(unreadable)
         return None
+
+    def _skip(self, step: int, e: Exception) -> int:
+        log.warning("checkpoint %s is unreadable (%s); falling back to the previous one",
+                    self.directory / str(step), _first_line(e))
+        return step
+
+    def _move_aside(self, steps: list[int]) -> None:
+        """Moves unreadable checkpoints newer than the one restored to <directory>.unreadable/ (kept for a
+        post-mortem, not deleted), so that the resumed run's own save of those steps can happen."""
+        if not steps or self.read_only:
+            return
+        aside = self.directory.with_name(self.directory.name + UNREADABLE_SUFFIX)
+        if jax.process_index() == 0:
+            aside.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                dest = aside / str(step)
+                shutil.rmtree(dest, ignore_errors=True)
+                (self.directory / str(step)).rename(dest)
+                log.warning("moved unreadable checkpoint %s to %s", self.directory / str(step), dest)
+        multihost_utils.sync_global_devices("flaxclf:unreadable-moved")
+        self.manager.reload()
 
     def restore_params(self, step: int, abstract_params: Any, shardings: Any) -> Any:
         """The params of a checkpoint alone, without reading the optimizer state."""
@@ -90,6 +144,7 @@ class Checkpointer:
         return out["state"]["params"]
 
     def best_step(self) -> int | None:
+        """The kept checkpoint with the best metric; None when none was saved with metrics."""
         best = self.manager.best_step()
         return None if best is None else int(best)
 
@@ -105,10 +160,102 @@ def check_compatible(meta: dict, model_name: str, label_names: list[str], direct
     if meta.get("model") != model_name or list(meta.get("label_names", [])) != list(label_names):
         raise CheckpointError(
             f"{directory} holds checkpoints of another run (model {meta.get('model')!r}, labels "
-            f"{meta.get('label_names')}), not of model {model_name!r} with labels {label_names}; use another "
-            f"train.output_dir, or set checkpoint.fresh=true to discard them and start over")
+            f"{meta.get('label_names')}), not of model {model_name!r} with labels {list(label_names)}; use "
+            f"another train.output_dir, or set checkpoint.fresh=true to discard them and start over")
 
 
 def discard(directory: str | Path) -> None:
     """Removes a run's checkpoints (only when the user asked for a fresh start)."""
     shutil.rmtree(directory, ignore_errors=True)
+    shutil.rmtree(Path(directory).with_name(Path(directory).name + UNREADABLE_SUFFIX), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- inference
+def open_run(run_dir: str | Path) -> tuple[Checkpointer, RunConfig]:
+    """A read-only Checkpointer over <run_dir>/checkpoints and the run's resolved config (from the newest
+    checkpoint whose meta is readable)."""
+    directory = Path(run_dir).absolute() / CHECKPOINTS
+    if not directory.is_dir():
+        raise CheckpointError(f"{run_dir} has no {CHECKPOINTS}/ folder; train into it first "
+                              f"(train.output_dir={run_dir})")
+    probe = Checkpointer(directory, CheckpointConfig(), "validation/accuracy", read_only=True)
+    for step in reversed(probe.steps()):
+        try:
+            cfg = from_dict(probe.read_meta(step)["config"])
+        except Exception as e:
+            probe._skip(step, e)
+            continue
+        probe.close()
+        return Checkpointer(directory, cfg.checkpoint, f"validation/{cfg.train.best_metric}", read_only=True), cfg
+    probe.close()
+    raise CheckpointError(f"{directory} holds no complete, readable checkpoint; train into {run_dir} first")
+
+
+def _candidates(ckpt: Checkpointer, step: int | str | None) -> list[int]:
+    """Steps to try, in order: the newest first for None; exactly one for 'best' or a number."""
+    steps = ckpt.steps()
+    if step is None:
+        return steps[::-1]
+    if step == "best":
+        best = ckpt.best_step()
+        if best is None:
+            log.info("%s has no checkpoint saved with %s; using the latest", ckpt.directory, ckpt.best_metric)
+        return [steps[-1] if best is None else best]
+    if isinstance(step, int) and not isinstance(step, bool) and step in steps:
+        return [step]
+    raise CheckpointError(f"{ckpt.directory} has no checkpoint {step!r}; choose one of {steps}, 'best' or "
+                          f"leave it out for the latest")
+
+
+def classifier_from_meta(meta: dict, cfg: RunConfig) -> tuple[BertClassifier, Path]:
+    """The model a checkpoint was trained as (the backbone's folder + the head settings saved in its meta)."""
+    model_dir = assets.resolve_model(cfg.model.name)
+    overrides = dict(meta["classifier"], label_names=tuple(meta["classifier"]["label_names"]))
+    config = weights.classifier_config(model_dir, **overrides)
+    return BertClassifier(config, dtype=jnp.dtype(cfg.model.dtype)), model_dir
+
+
+def load_params_for_inference(run_dir: str | Path, step: int | str | None = None,
+                              mesh: jax.sharding.Mesh | None = None) -> tuple[BertClassifier, Any, dict]:
+    """(model, params, meta) of a run's checkpoint, reading the params only (never the optimizer state).
+
+    step: None for the newest readable checkpoint (an unreadable one falls back to the previous, with a
+    warning), "best" for the best by train.best_metric, or a step number. mesh: where the params go, sharded
+    by the rules of flaxclf.sharding (None: every device, data-parallel). meta is the checkpoint's meta (model,
+    label_names, problem_type, classifier, config, data, best) plus "step" and "model_dir"."""
+    ckpt, cfg = open_run(run_dir)
+    try:
+        mesh = mesh if mesh is not None else sharding.make_mesh(MeshConfig())
+        candidates = _candidates(ckpt, step)
+        for s in candidates:
+            try:
+                meta = ckpt.read_meta(s)
+                model, model_dir = classifier_from_meta(meta, from_dict(meta["config"]))
+                abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), **dummy_inputs())
+                abstract = jax.tree.map(
+                    lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(cfg.model.param_dtype)), abstract)
+                params = ckpt.restore_params(s, abstract, sharding.tree_shardings(abstract, mesh))
+            except (CheckpointError, assets.AssetError, weights.WeightsError):
+                raise
+            except Exception as e:
+                if len(candidates) == 1:
+                    raise CheckpointError(f"checkpoint {ckpt.directory / str(s)} is unreadable "
+                                          f"({_first_line(e)})") from e
+                ckpt._skip(s, e)
+                continue
+            return model, params, {**meta, "step": s, "model_dir": str(model_dir)}
+        raise CheckpointError(f"no checkpoint in {ckpt.directory} could be read")
+    finally:
+        ckpt.close()
+
+
+def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | str | None = None) -> Path:
+    """Writes a run's checkpoint (latest, 'best' or a step number) as a Hugging Face
+    BertForSequenceClassification folder (config.json, model.safetensors, tokenizer files); returns it."""
+    model, params, meta = load_params_for_inference(run_dir, step)
+    host = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), params)
+    out = Path(out_dir)
+    if jax.process_index() == 0:
+        weights.export_hf(out, model.config, host, meta["model_dir"])
+    multihost_utils.sync_global_devices("flaxclf:exported")
+    return out
