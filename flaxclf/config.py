@@ -158,6 +158,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: {value!r} is not an integer")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML follows YAML 1.1, where a float needs a dot: 3e-5 (no dot) arrives here as a string.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: {value!r} is not a number")
         return float(value)
@@ -219,7 +225,11 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
     try:
         doc = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        # str(e) spans several lines (context, snippet, caret); a user error is one line.
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, train:, ...)")
     base = doc.pop("base", None)
