@@ -3,11 +3,49 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
+import io
+import json
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 from flaxclf.config import ConfigError
+
+DEFAULT_TEXT = "a gripping, funny and moving film"
+_MODEL_HELP = ("a run directory (made by `flaxclf train`), a Hugging Face model folder, or a packaged model name "
+               "(minilm-l6)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line on stderr ("flaxclf CMD: error: ...") and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _step(text: str) -> str | int | None:
+    if text in ("last", "latest"):
+        return None
+    if text == "best":
+        return "best"
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r} is not a step number, 'best' or 'last'")
+
+
+def _write_json(obj: dict, dest: str) -> None:
+    text = json.dumps(obj, indent=2) + "\n"
+    if dest == "-":
+        sys.stdout.write(text)
+    else:
+        Path(dest).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        Path(dest).expanduser().write_text(text)
+
+
+# ---------------------------------------------------------------------------------------------- train
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -19,23 +57,272 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- evaluate
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from flaxclf import data, metrics, predict
+
+    loaded = predict.load(args.model, step=args.step, max_length=args.max_length)
+    for note in loaded.notes:
+        print(f"flaxclf evaluate: note: {note}", file=sys.stderr)
+    cfg = predict.eval_data_config(loaded, args.data, format=args.format, text_column=args.text_column,
+                                   text_pair_column=args.text_pair_column, label_column=args.label_column,
+                                   label_type=args.label_type)
+    with contextlib.redirect_stdout(sys.stderr):  # data notices must not mix with a table or JSON on stdout
+        task, splits = data.load_task(cfg, loaded.model_dir, 0, 1)
+    split = "train" if args.data else args.split
+    if split not in splits:
+        raise predict.InferenceError(f"the data has no {split!r} split (it has {', '.join(splits)}); pass --split "
+                                     "or --data FILE")
+    where = args.data or (f"data.task {cfg.task}" if cfg.train_file is None else f"data.{split}_file")
+    labels = predict.align_labels(splits[split].labels, task.label_names, loaded, where)
+    z = predict.logits(loaded, splits[split], args.batch_size, progress=not args.no_progress and
+                       len(splits[split]) > 8 * args.batch_size)
+    result = metrics.compute_metrics(loaded.problem_type, z, labels, None, loaded.label_names)
+    if args.json != "-":
+        print(f"{loaded.source} on {where} ({split if not args.data else 'file'}, {len(z)} examples)")
+        print(metrics.format_table(result))
+    if args.json:
+        _write_json({"model": loaded.source, "data": where, "split": split, **result}, args.json)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- predict
+
+
+def _read_inputs(path: str, fmt: str | None, text_column: str, pair_column: str | None,
+                 ) -> tuple[list[str], list[str] | None]:
+    """Texts (and pairs) from a file or stdin ("-"): lines, CSV/TSV with a header, or JSONL."""
+    from flaxclf.predict import InferenceError
+
+    if path != "-" and not Path(path).expanduser().is_file():
+        raise InferenceError(f"input file {path} does not exist")
+    ext = Path(path).suffix.lower()
+    fmt = fmt or {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}.get(ext, "lines")
+    raw = sys.stdin.read() if path == "-" else Path(path).expanduser().read_text(encoding="utf-8")
+    name = "stdin" if path == "-" else path
+    if fmt == "lines":
+        if pair_column:
+            raise InferenceError("--text-pair-column needs a CSV, TSV or JSONL input (--input-format)")
+        return [line for line in raw.splitlines() if line.strip()], None
+    if fmt == "jsonl":
+        rows = []
+        for i, line in enumerate(raw.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise InferenceError(f"{name} line {i} is not JSON ({e.msg}); give one object a line") from None
+    else:
+        rows = list(csv.DictReader(io.StringIO(raw), delimiter="\t" if fmt == "tsv" else ","))
+    cols = [c for c in (text_column, pair_column) if c]
+    for i, row in enumerate(rows, 1):
+        missing = [c for c in cols if not isinstance(row, dict) or row.get(c) is None]
+        if missing:
+            have = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise InferenceError(f"{name} row {i} has no column {missing[0]!r} (it has {have}); pass "
+                                 "--text-column / --text-pair-column")
+    texts = [str(r[text_column]) for r in rows]
+    return texts, ([str(r[pair_column]) for r in rows] if pair_column else None)
+
+
+def _write_predictions(rows: list[dict], out, fmt: str, pairs: list[str] | None) -> None:
+    if pairs is not None:
+        rows = [{"text": r["text"], "text_pair": p, **{k: v for k, v in r.items() if k != "text"}}
+                for r, p in zip(rows, pairs, strict=True)]
+    if fmt == "jsonl":
+        for r in rows:
+            out.write(json.dumps(r, ensure_ascii=False) + "\n")
+        return
+    flat = []
+    for r in rows:
+        row = {k: (";".join(v) if isinstance(v, list) else v) for k, v in r.items() if k != "probs"}
+        row.update({f"prob_{name}": p for name, p in r.get("probs", {}).items()})
+        flat.append(row)
+    if flat:
+        w = csv.DictWriter(out, fieldnames=list(flat[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(flat)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from flaxclf import predict
+
+    texts, pairs = _read_inputs(args.input, args.input_format, args.text_column, args.text_pair_column)
+    loaded = predict.load(args.model, step=args.step, max_length=args.max_length)
+    for note in loaded.notes:
+        print(f"flaxclf predict: note: {note}", file=sys.stderr)
+    split = predict.tokenize(loaded.model_dir, texts, pairs, loaded.max_length)
+    z = predict.logits(loaded, split, args.batch_size, progress=not args.no_progress and
+                       len(texts) > 4 * args.batch_size)
+    rows = predict.prediction_rows(loaded, texts, z, args.threshold)
+    fmt = args.format or ("jsonl" if args.output and Path(args.output).suffix in (".jsonl", ".json") else "csv")
+    if args.output in (None, "-"):
+        _write_predictions(rows, sys.stdout, fmt, pairs)
+    else:
+        Path(args.output).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        with Path(args.output).expanduser().open("w", newline="", encoding="utf-8") as f:
+            _write_predictions(rows, f, fmt, pairs)
+        print(f"wrote {len(rows)} predictions to {args.output}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def _export(args: argparse.Namespace) -> int:
+    from flaxclf import checkpoint, predict, weights
+
+    if not predict.is_run_dir(args.run_dir):
+        raise predict.InferenceError(f"{args.run_dir} is not a run directory (config.yaml and checkpoints/); "
+                                     "pass the train.output_dir of a `flaxclf train` run")
+    exporter = getattr(checkpoint, "export_checkpoint", None)
+    if exporter is not None:
+        out = exporter(args.run_dir, args.out_dir, step=args.step)
+        which = f"step {args.step}" if args.step is not None else "the latest checkpoint"
+    else:
+        loaded = predict.load(args.run_dir, step=args.step)
+        out = weights.export_hf(args.out_dir, loaded.model.config, loaded.params, loaded.model_dir)
+        which = loaded.source
+    print(f"exported {which} to {out or args.out_dir}\n  PyTorch: BertForSequenceClassification.from_pretrained("
+          f"{str(out or args.out_dir)!r})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from flaxclf import inspect, predict
+
+    loaded = predict.load(args.model, step=args.step, pooling=args.pooling, num_labels=args.num_labels,
+                          max_length=args.max_length)
+    inf = inspect.measure(loaded, args.text, args.pair, args.pad_to, args.scale, args.seed)
+    if args.json != "-":
+        print(inspect.architecture(loaded, len(inf.tokens)))
+        print(f"\nwhat feeds the classifier, for {args.text!r}:\neach position's final hidden state h_i alone is "
+              f"moved by a random vector of norm {args.scale:g}*|h_i|; logit change = the largest change of a "
+              "logit\n")
+        print(inspect.influence_table(inf))
+        print("\n" + inspect.verdict(loaded.model.config.pooling, inf))
+    if args.json:
+        _write_json({"model": loaded.source, "pooling": loaded.model.config.pooling, "text": args.text,
+                     **inf.to_dict(), "verdict": inspect.verdict(loaded.model.config.pooling, inf)}, args.json)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- parser
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data (default: the run's own data settings, else the packaged task)")
+    g.add_argument("--data", metavar="FILE", help="a labelled CSV, TSV, JSONL, Parquet or datasets folder, read like "
+                   "a training file")
+    g.add_argument("--format", choices=["csv", "tsv", "jsonl", "parquet", "hf_disk"],
+                   help="format of --data (default: from its extension)")
+    g.add_argument("--text-column", help="column of the texts (default: text)")
+    g.add_argument("--text-pair-column", help="column of the second texts, for sentence pairs")
+    g.add_argument("--label-column", help="column of the labels (default: label)")
+    g.add_argument("--label-type", choices=["auto", "string", "int", "float", "multi"],
+                   help="how to read the labels (default: auto)")
+    g.add_argument("--split", default="test", choices=["train", "validation", "test"],
+                   help="split of the run's data or the packaged task to score, without --data (default: test)")
+
+
+def _add_model_args(p: argparse.ArgumentParser, what: str = _MODEL_HELP) -> None:
+    p.add_argument("model", metavar="MODEL", help=what)
+    p.add_argument("--step", type=_step, default=None,
+                   help="with a run directory: a checkpoint step, 'best' or 'last' (default: last)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="truncate texts to this many tokens (default: the run's data.max_length, else 128)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flaxclf", description="Fine-tune and use BERT text classifiers in JAX.")
-    p.add_argument("--verbose", action="store_true", help="show framework logs and warnings")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show framework logs and warnings (JAX, orbax, transformers)")
+    p = _Parser(prog="flaxclf", parents=[common], description="Fine-tune and use BERT text classifiers in JAX.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    t = sub.add_parser("train", help="fine-tune a classifier (default: MiniLM-L6 on rt-snippets-4way)",
-                       description="Fine-tune a classifier. With no arguments: configs/default.yaml's job.")
+
+    t = sub.add_parser("train", parents=[common],
+                       help="fine-tune a classifier (default: MiniLM-L6 on rt-snippets-4way)",
+                       description="Fine-tune a classifier. Settings come from flaxclf/config.py's defaults, then "
+                       "--config, then key=value overrides. Writes the run directory (train.output_dir): "
+                       "config.yaml, labels.json, metrics.jsonl, tb/, checkpoints/, export/, plots/, summary.json. "
+                       "Running it "
+                       "again on the same directory resumes from the last checkpoint.")
     t.add_argument("--config", default=None, help="a YAML run config (e.g. configs/default.yaml); "
                    "without it the defaults of flaxclf/config.py apply")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
     t.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.epochs=1 optim.learning_rate=3e-5 mesh.fsdp=2")
     t.set_defaults(fn=_train)
+
+    e = sub.add_parser("evaluate", parents=[common], help="score a model on labelled data: a metrics table or JSON",
+                       description="Score a checkpoint or an HF folder on labelled data; prints a metrics table "
+                       "(accuracy, F1, per-class scores, confusion matrix) and optionally writes JSON.")
+    _add_model_args(e)
+    _add_data_args(e)
+    e.add_argument("--batch-size", type=int, default=64, help="texts per batch (default: 64)")
+    e.add_argument("--json", metavar="FILE", help="also write the metrics as JSON to FILE; '-' prints only the JSON "
+                   "on stdout")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar on long inputs")
+    e.set_defaults(fn=_evaluate)
+
+    r = sub.add_parser("predict", parents=[common], help="label texts from a file or stdin: CSV or JSONL out",
+                       description="Label texts: one a line, or a CSV/TSV/JSONL column, from a file or stdin. "
+                       "Writes the text, the label and every class's probability (sigmoid for multi-label, the "
+                       "score for regression) as CSV or JSONL. Texts are batched by length like evaluation.")
+    _add_model_args(r)
+    r.add_argument("input", nargs="?", default="-", metavar="INPUT",
+                   help="input file; '-' or none reads stdin (as lines: one text a line, blank lines skipped)")
+    r.add_argument("--input-format", choices=["lines", "csv", "tsv", "jsonl"],
+                   help="how to read INPUT (default: from its extension; lines otherwise, and for stdin)")
+    r.add_argument("--text-column", default="text", help="column of the texts in CSV/TSV/JSONL (default: text)")
+    r.add_argument("--text-pair-column", default=None, help="column of the second texts, for sentence pairs")
+    r.add_argument("-o", "--output", default=None, help="output file (default: stdout)")
+    r.add_argument("--format", choices=["csv", "jsonl"], default=None,
+                   help="output format (default: from --output's extension, else csv)")
+    r.add_argument("--batch-size", type=int, default=64, help="texts per batch (default: 64)")
+    r.add_argument("--threshold", type=float, default=0.5, help="multi-label: probability above which a label is "
+                   "predicted (default: 0.5)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar on long inputs")
+    r.set_defaults(fn=_predict)
+
+    x = sub.add_parser("export", parents=[common], help="write a checkpoint as a Hugging Face (PyTorch) folder",
+                       description="Write a run's checkpoint as a folder that transformers' "
+                       "BertForSequenceClassification.from_pretrained loads (config.json, model.safetensors, "
+                       "tokenizer files). Needs pooling=cls_pooler, the only head PyTorch has.")
+    x.add_argument("run_dir", metavar="RUN_DIR", help="a run directory made by `flaxclf train`")
+    x.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (replaced if it exists)")
+    x.add_argument("--step", type=_step, default=None, help="a checkpoint step, 'best' or 'last' (default: last)")
+    x.set_defaults(fn=_export)
+
+    i = sub.add_parser("inspect", parents=[common], help="draw the head and measure which positions feed it",
+                       description="Draw the classifier head (backbone -> positions -> pooler -> dropout -> "
+                       "classifier, with shapes and parameter counts) and measure, for one text, how far the "
+                       "logits move when each position's final hidden state is perturbed: does it classify on "
+                       "the [CLS] vector?")
+    _add_model_args(i)
+    i.add_argument("--text", default=DEFAULT_TEXT, help=f"the text to measure (default: {DEFAULT_TEXT!r})")
+    i.add_argument("--pair", default=None, help="a second text, for sentence-pair models")
+    i.add_argument("--pooling", choices=["cls_pooler", "cls", "mean", "max"], default=None,
+                   help="HF folder or packaged name only: the head to build (default: cls_pooler)")
+    i.add_argument("--num-labels", type=int, default=None, help="HF folder or packaged name only: classes of a new "
+                   "head (default: the folder's config.json)")
+    i.add_argument("--pad-to", type=int, default=None, help="pad the text to this length (default: the smallest "
+                   "length bucket that holds it, as in training; 0: no padding)")
+    i.add_argument("--scale", type=float, default=1.0, help="perturbation norm relative to |h_i| (default: 1.0)")
+    i.add_argument("--seed", type=int, default=0, help="seed of the perturbation directions (default: 0)")
+    i.add_argument("--json", metavar="FILE", help="also write the measurements as JSON; '-' prints only the JSON")
+    i.set_defaults(fn=_inspect)
     return p
 
 
 def _quiet(verbose: bool) -> None:
-    """Known framework noise off unless --verbose: absl/orbax info lines and transformers' advisories."""
+    """Known framework noise off unless --verbose: absl/orbax info lines and transformers' advisories (its Flax
+    deprecation notice is known: Flax BERT was removed in transformers v5, hence the <5 pin)."""
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(name)s: %(message)s")
     logging.getLogger("flaxclf").setLevel(logging.INFO)
@@ -49,15 +336,17 @@ def _quiet(verbose: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _quiet(args.verbose)
+    _quiet(getattr(args, "verbose", False))
     from flaxclf.assets import AssetError
     from flaxclf.checkpoint import CheckpointError
     from flaxclf.data import DataError
+    from flaxclf.predict import InferenceError
+    from flaxclf.train import TrainingError
     from flaxclf.weights import WeightsError
 
     try:
         return args.fn(args)
-    except (ConfigError, DataError, AssetError, WeightsError, CheckpointError) as e:
+    except (ConfigError, DataError, AssetError, WeightsError, CheckpointError, InferenceError, TrainingError) as e:
         print(f"flaxclf {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -141,6 +141,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 errors.append(str(e))
         raise errors[0] if len(errors) == 1 else ConfigError(f"{key}: {value!r} is not allowed ({'; '.join(errors)})")
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(get_args(tp)):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in get_args(tp):
             raise ConfigError(f"{key}: {value!r} is not allowed; use {_allowed(tp)}")
         return value

@@ -10,11 +10,13 @@ import jax
 import jax.numpy as jnp
 
 from flaxclf.backbone import BertSpec, FlaxBertModule, FlaxBertPooler
+from flaxclf.fast_bert import FastBertModule
 
 Pooling = Literal["cls_pooler", "cls", "mean", "max"]
 POOLINGS: tuple[str, ...] = ("cls_pooler", "cls", "mean", "max")
 SINGLE, MULTI, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
 PROBLEM_TYPES: tuple[str, ...] = (SINGLE, MULTI, REGRESSION)
+IMPLS: tuple[str, ...] = ("fast", "hf")
 
 
 @dataclass(frozen=True)
@@ -97,11 +99,18 @@ class BertClassifier(nn.Module):
     config: ClassifierConfig
     dtype: Any = jnp.float32  # compute dtype; the parameters keep their own dtype
     remat: bool = False  # gradient checkpointing of each encoder layer
+    # "fast": flaxclf.fast_bert (same params and math, faster layout); "hf": transformers' FlaxBertModule.
+    impl: str = "fast"
 
     def setup(self):
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl {self.impl!r} is not known; use one of {', '.join(IMPLS)}")
         hf = self.config.backbone.to_hf_config()
-        self.bert = FlaxBertModule(hf, dtype=self.dtype, add_pooling_layer=False,
-                                   gradient_checkpointing=self.remat)
+        if self.impl == "fast":
+            self.bert = FastBertModule(self.config.backbone, dtype=self.dtype, remat=self.remat)
+        else:
+            self.bert = FlaxBertModule(hf, dtype=self.dtype, add_pooling_layer=False,
+                                       gradient_checkpointing=self.remat)
         if self.config.pooling == "cls_pooler":
             self.pooler = FlaxBertPooler(hf, dtype=self.dtype)  # tanh(dense(h[:, 0])), params pooler/dense
         self.dropout = nn.Dropout(rate=self.config.dropout_rate)
@@ -115,6 +124,8 @@ class BertClassifier(nn.Module):
 
     def encode(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True):
         """The backbone's final hidden states, [B, L, D]."""
+        if self.impl == "fast":
+            return self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
         out = self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic, return_dict=False)
         return out[0]
 

@@ -18,7 +18,7 @@ import yaml
 from jax.experimental import multihost_utils
 
 from flaxclf import assets, data, distributed, metrics, sharding, weights
-from flaxclf.checkpoint import Checkpointer, check_compatible, discard, lower_is_better
+from flaxclf.checkpoint import Checkpointer, CheckpointError, check_compatible, discard, lower_is_better
 from flaxclf.config import RunConfig
 from flaxclf.model import BertClassifier, ClassifierConfig
 from flaxclf.optim import lr_schedule, make_optimizer
@@ -89,20 +89,28 @@ class Job:
     best: dict  # {"value", "step"} of the best validation metric so far
 
 
-def _classifier(cfg: RunConfig, model_dir: Path, task: data.Task) -> BertClassifier:
+def _classifier_overrides(cfg: RunConfig, task: data.Task) -> dict:
+    """The head settings applied on top of the backbone's config.json (also saved in each checkpoint)."""
     m = cfg.model
     overrides = {"num_labels": task.num_labels, "label_names": tuple(task.label_names), "pooling": m.pooling,
                  "problem_type": m.problem_type or task.problem_type}
     if m.classifier_dropout is not None:
         overrides["classifier_dropout"] = m.classifier_dropout
-    config: ClassifierConfig = weights.classifier_config(model_dir, **overrides)
-    return BertClassifier(config, dtype=DTYPES[m.dtype], remat=m.remat)
+    return overrides
+
+
+def _classifier(cfg: RunConfig, model_dir: Path, task: data.Task) -> BertClassifier:
+    config: ClassifierConfig = weights.classifier_config(model_dir, **_classifier_overrides(cfg, task))
+    return BertClassifier(config, dtype=DTYPES[cfg.model.dtype], remat=cfg.model.remat)
 
 
 def _meta(job: Job) -> dict:
+    """The JSON item of a checkpoint: what resume checks and continues from, and what inference rebuilds."""
+    classifier = _classifier_overrides(job.cfg, job.task)
     return {"model": job.cfg.model.name, "label_names": list(job.task.label_names),
             "problem_type": job.model.config.problem_type, "data": job.batches.state(),
-            "config": job.cfg.to_dict(), "best": job.best}
+            "config": job.cfg.to_dict(), "best": job.best,
+            "classifier": {**classifier, "label_names": list(classifier["label_names"])}}
 
 
 def setup(cfg: RunConfig) -> Job:
@@ -143,14 +151,13 @@ def setup(cfg: RunConfig) -> Job:
 
 
 def _restore(ckpt: Checkpointer, abstract, shardings, cfg: RunConfig, task: data.Task, run_dir: Path):
-    steps = ckpt.steps()
-    if not steps:
+    if not ckpt.steps():
         return None
-    check_compatible(ckpt.read_meta(steps[-1]), cfg.model.name, task.label_names, run_dir)
-    out = ckpt.restore(abstract, shardings)
+    out = ckpt.restore(abstract, shardings,
+                       check=lambda meta: check_compatible(meta, cfg.model.name, task.label_names, run_dir))
     if out is None:
-        raise TrainingError(f"no checkpoint in {ckpt.directory} could be read; set checkpoint.fresh=true to "
-                            "start over")
+        raise CheckpointError(f"no checkpoint in {ckpt.directory} could be read; set checkpoint.fresh=true to "
+                              "start over")
     return out[1], out[2]
 
 
@@ -316,19 +323,48 @@ def run(cfg: RunConfig, show_progress: bool = True) -> dict:
         job.batches.close()
         job.ckpt.close()
     summary["wall_s"] = time.perf_counter() - t0
-    log.say(_summary_text(summary))
+    if jax.process_index() == 0:
+        summary["plots"] = _draw_plots(job.run_dir, log)
+    log.say(_summary_text(summary, cfg.train.best_metric))
     log.close()
     if jax.process_index() == 0:
         (job.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _summary_text(s: dict) -> str:
-    lines = [f"done: {s['steps']} steps in {s['wall_s']:.0f} s; exported the {s['exported']} model"]
+def _draw_plots(run_dir: Path, log: RunLog) -> list[str]:
+    """PNGs under <run_dir>/plots (flaxclf.plots); a failure to draw is reported, never fatal to a finished run."""
+    from flaxclf import plots
+
+    try:
+        return [str(p) for p in plots.write_plots(run_dir)]
+    except Exception as e:  # a plotting problem must not cost the trained model
+        log.say(f"could not draw the plots ({type(e).__name__}: {e}); the numbers are in metrics.jsonl")
+        return []
+
+
+_SHOWN = ("accuracy", "macro_f1", "micro_f1", "mse", "pearson")
+
+
+def _summary_text(s: dict, best_metric: str) -> str:
+    """The end-of-run summary: the best metric, the final scores, and where each output is."""
+    d = s["run_dir"]
+    best = s.get("best") or {}
+    lines = [f"done: {s['steps']} steps in {s['wall_s']:.0f} s"]
+    if best.get("value") is not None:
+        lines.append(f"  best validation {best_metric}: {best['value']:.4f} at step {best['step']}")
     for split in ("validation", "test"):
         if split in s:
-            shown = {k: round(v, 4) for k, v in s[split].items() if k in ("accuracy", "macro_f1", "mse", "pearson",
-                                                                          "micro_f1")}
-            lines.append(f"  {split}: {shown}")
-    lines.append(f"  run directory: {s['run_dir']} (metrics.jsonl, tb/, checkpoints/, export/)")
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in s[split].items() if k in _SHOWN)
+            lines.append(f"  {split} ({s['exported']} model): {shown}")
+    lines.append(f"  run directory {d}/")
+    lines.append("    config.yaml, labels.json  the resolved config and the label map")
+    lines.append(f"    metrics.jsonl, tb/        every logged number (tensorboard --logdir {d}/tb)")
+    if s.get("plots"):
+        lines.append(f"    plots/                    {', '.join(Path(p).name for p in s['plots'])}")
+    lines.append("    checkpoints/              run the same command again to resume")
+    if s.get("export_dir"):
+        lines.append(f"    export/                   the {s['exported']} model as a Hugging Face folder "
+                     "(BertForSequenceClassification.from_pretrained)")
+    lines.append(f"  next: flaxclf evaluate {d} --data FILE; flaxclf predict {d} FILE; flaxclf inspect {d}")
     return "\n".join(lines)
