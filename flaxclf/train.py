@@ -274,8 +274,9 @@ def _track_best(job: Job, step: int, result: dict) -> dict | None:
     if value is None:
         raise TrainingError(f"train.best_metric {name!r} is not among the validation metrics "
                             f"{sorted(metrics.scalars(result))}; pick one of them")
+    # Ties go to the later step, as orbax's BestN keeps the later of equal scores: the two must agree.
     better = job.best["value"] is None or (
-        value < job.best["value"] if lower_is_better(name) else value > job.best["value"])
+        value <= job.best["value"] if lower_is_better(name) else value >= job.best["value"])
     if better:
         job.best = {"value": value, "step": step}
     return {f"validation/{name}": value}

@@ -1,0 +1,103 @@
+"""`flaxclf inspect` measures what feeds the classifier: behaviour, not implementation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxclf import inspect
+from flaxclf.model import BertClassifier
+from flaxclf.predict import load
+
+TEXT = "not bad at all, honestly"
+
+
+@pytest.fixture(scope="module", params=["cls_pooler", "cls", "mean", "max"])
+def loaded(request, tiny_model_dir):
+    return load(str(tiny_model_dir), pooling=request.param, num_labels=3)
+
+
+_CACHE = {}
+
+
+def _measure(loaded):
+    """One measurement per model (padded to 16) shared by the tests."""
+    key = id(loaded)
+    if key not in _CACHE:
+        _CACHE[key] = inspect.measure(loaded, TEXT, pad_to=16)
+    return _CACHE[key]
+
+
+def test_padding_and_tokens(loaded):
+    inf = _measure(loaded)
+    n = int(inf.mask.sum())
+    assert len(inf.tokens) == 16 and 2 < n < 16
+    assert inf.tokens[0] == "[CLS]" and inf.tokens[n - 1] == "[SEP]" and inf.tokens[n:] == ["[PAD]"] * (16 - n)
+
+
+def test_padding_never_reaches_the_logits(loaded):
+    inf = _measure(loaded)
+    pad = ~inf.mask.astype(bool)
+    assert np.all(inf.moved[pad] == 0.0) and np.all(inf.grad[pad] == 0.0)
+
+
+def test_cls_heads_read_position_0_only(loaded):
+    if loaded.model.config.pooling not in ("cls_pooler", "cls"):
+        pytest.skip("a CLS head only")
+    inf = _measure(loaded)
+    assert inf.moved[0] > 0 and inf.grad[0] > 0
+    assert np.all(inf.moved[1:] == 0.0) and np.all(inf.grad[1:] == 0.0)  # exactly zero, not small
+    assert inspect.verdict(loaded.model.config.pooling, inf).startswith("Yes: it classifies on the [CLS] vector")
+
+
+def test_mean_reads_every_real_position(loaded):
+    if loaded.model.config.pooling != "mean":
+        pytest.skip("mean pooling only")
+    inf = _measure(loaded)
+    real = inf.mask.astype(bool)
+    assert np.all(inf.moved[real] > 0) and np.all(inf.grad[real] > 0)
+    # d mean / d h_i is the same 1/n for every real position: the Jacobian norms agree.
+    np.testing.assert_allclose(inf.grad[real], inf.grad[0], rtol=1e-5)
+    assert inspect.verdict("mean", inf).startswith("No: pooling=mean reads more than position 0")
+
+
+def test_measured_change_matches_a_direct_perturbation(loaded):
+    """The table's number for position i equals running the head by hand with h_i moved by the same vector."""
+    if loaded.model.config.pooling not in ("cls_pooler", "mean"):
+        pytest.skip("one CLS head and one pooled head are enough")
+    batch, _ = inspect.encode_text(loaded, TEXT, pad_to=16)
+    m, params = loaded.model, loaded.params
+    inf = _measure(loaded)
+    hidden = m.apply(params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                     method=BertClassifier.encode)
+    u = jax.random.normal(jax.random.PRNGKey(0), hidden.shape[1:])
+    u = u / jnp.linalg.norm(u, axis=-1, keepdims=True)
+    base = m.apply(params, hidden, batch["attention_mask"], method=BertClassifier.head)
+    np.testing.assert_allclose(inf.logits, base[0], rtol=1e-5, atol=1e-6)
+    for i in (0, 2):
+        moved = hidden.at[0, i].add(jnp.linalg.norm(hidden[0, i]) * u[i])
+        z = m.apply(params, moved, batch["attention_mask"], method=BertClassifier.head)
+        assert float(jnp.abs(z - base).max()) == pytest.approx(float(inf.moved[i]), rel=1e-3, abs=1e-6)
+
+
+def test_architecture_counts_every_parameter(loaded):
+    text = inspect.architecture(loaded, 16)
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(loaded.params))
+    assert f"total {total:,} params" in text
+    assert "classifier: dense 32 -> 3" in text and "hidden [1, 16, 32]" in text
+    assert ("pooler: tanh(dense 32 -> 32)" in text) == (loaded.model.config.pooling == "cls_pooler")
+
+
+def test_table_collapses_silent_padding(loaded):
+    inf = _measure(loaded)
+    n = int(inf.mask.sum())
+    table = inspect.influence_table(inf)
+    assert f"{n}-15  [PAD] x{16 - n}" in table
+    assert len(table.splitlines()) == 1 + n + 1  # header, one row per real token, one for the padding
+
+
+def test_padding_follows_the_buckets(loaded):
+    batch, tokens = inspect.encode_text(loaded, TEXT, pad_to=0)
+    assert batch["attention_mask"].all() and "[PAD]" not in tokens
+    batch, _ = inspect.encode_text(loaded, TEXT)  # default: the smallest training bucket that holds the text
+    assert batch["input_ids"].shape == (1, 32)
