@@ -67,7 +67,7 @@ class OptimConfig:
     b2: float = 0.999
     eps: float = 1e-8
     schedule: Literal["linear", "cosine", "constant"] = "linear"
-    warmup_ratio: float = 0.0  # fraction of all steps spent warming up linearly from 0
+    warmup_ratio: float = 0.06  # fraction of all steps spent warming up linearly from 0
     max_grad_norm: float | None = 1.0  # None: no clipping
     grad_accum_steps: int = 1  # micro-batches per optimizer step; each is global_batch_size / grad_accum_steps
 
@@ -88,7 +88,7 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 500  # 0: only at the end and on preemption
+    every_steps: int = 200  # 0: only at the end and on preemption
     keep: int = 2
     async_save: bool = True
     fresh: bool = False  # discard the checkpoints already in the run directory instead of resuming
