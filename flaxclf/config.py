@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import types
 import typing
@@ -170,6 +171,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: {value!r} is not a number")
         return float(value)
     if tp is str:
+        if isinstance(value, (int, float, datetime.date)) and not isinstance(value, bool):
+            value = str(value)  # YAML reads 2024-01-01 or 123 as a date or a number; a name wants the text
         if not isinstance(value, str):
             raise ConfigError(f"{key}: {value!r} is not a string")
         return value
