@@ -11,18 +11,26 @@ Labels. Strings (or ints) are classes, mapped to ids in sorted order; floats are
 are multi-label, either label names or 0/1 flags of a fixed length. ``label_type: auto`` infers which from
 the training file; the Task returned says what was found and is exported as id2label / label2id.
 
-Multi-host. Every process reads and filters the whole file (so all agree on the labels), then keeps rows
-``i % process_count == process_index`` and tokenizes and counts only those.
+Multi-host. Every process reads and filters the whole file (so all agree on the labels), then tokenizes and
+counts only its share of rows (``i`` is a row's index among all kept rows of its split). Training rows sit in
+B = global batch size fixed *slots*: row i belongs to slot ``i % B`` and process p owns the slot block
+``[p * B/P, (p + 1) * B/P)`` (P processes; P must divide B), which is exactly its block of every global batch.
+Evaluation splits are shared as rows ``i % P == p``: their order doesn't matter, only that each row is seen once.
 
 Tokenization uses the model's fast tokenizer (the same Rust tokenizer as transformers' BertTokenizerFast)
 with truncation (``longest_first`` for pairs) and is cached as .npz keyed by a hash of the tokenized texts,
 of the tokenizer files and of max_length.
 
 Batches. Every batch is padded to one of a few lengths (the configured buckets clipped to max_length, plus
-max_length), so XLA compiles at most ``len(bucket_lengths)`` shapes per step function. Training batches are
-drawn per bucket in an order that depends only on (seed, epoch); each epoch the rows of a bucket that don't
-fill a whole batch are left out (a different few each epoch, since the order reshuffles). Evaluation sees
-every row exactly once: the last batch of a bucket is filled with rows of ``weight`` 0.
+max_length), so XLA compiles at most ``len(bucket_lengths)`` shapes per step function. Training batches depend
+only on (data, B, buckets, seed, epoch), never on the process count, so a pod run sees the same global batches,
+row for row and position for position, as a single-host run. Each epoch, each slot's rows of each bucket are
+shuffled by (seed, epoch, slot); bucket k has n_k batches, the fewest rows any slot has for it, and global batch
+j of bucket k is row j of every slot, in slot order. A slot's rows beyond n_k are promoted to bucket k + 1
+(padded longer) rather than dropped, so an epoch has ``N // B`` steps and leaves out only ``N % B`` rows (the
+last bucket's leftovers: a different few each epoch). The order of the epoch's batches over buckets is
+shuffled by (seed, epoch). Evaluation sees every row exactly once: the last batch of a bucket is filled with
+rows of ``weight`` 0.
 """
 
 from __future__ import annotations
@@ -93,6 +101,7 @@ class TokenizedSplit:
     process_index: int
     process_count: int
     from_cache: bool = False  # True when the tokens came from the .npz cache
+    batch_slots: int | None = None  # rows sharded as the slots of this global batch size; None: rows i % P
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -638,15 +647,30 @@ def _printer(process_index: int) -> Callable[[str], None]:
     return say
 
 
+def _share(num_rows: int, process_index: int, process_count: int, batch_slots: int | None) -> np.ndarray:
+    """This process's rows: its slot block of every global batch of `batch_slots` rows, or rows i % P."""
+    if batch_slots is None:
+        return np.arange(process_index, num_rows, process_count, dtype=np.int64)
+    per = batch_slots // process_count
+    i = np.arange(num_rows, dtype=np.int64)
+    return i[(i % batch_slots) // per == process_index]
+
+
 def load_task(cfg: DataConfig, model_dir: Path, process_index: int | None = None,
-              process_count: int | None = None) -> tuple[Task, dict[str, TokenizedSplit]]:
+              process_count: int | None = None, *, train_batch_size: int | None = None,
+              ) -> tuple[Task, dict[str, TokenizedSplit]]:
     """Reads, checks and labels every split, then tokenizes (or loads from the cache) this process's share.
 
     Returns the Task and the splits present among train/validation/test. process_index/process_count
-    default to jax's; pass them to load one host's share explicitly.
+    default to jax's; pass them to load one host's share explicitly. train_batch_size (the global batch size)
+    shards the train split into batch slots, as TrainBatches needs on more than one process; None shares it
+    as rows i % process_count.
     """
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
+    if train_batch_size is not None and (train_batch_size < 1 or train_batch_size % pc):
+        raise DataError(f"train.global_batch_size {train_batch_size} does not divide over {pc} processes; use a "
+                        f"positive multiple of {pc}")
     model_dir = Path(model_dir)
     limit = _max_positions(model_dir)
     if limit is not None and cfg.max_length > limit:
@@ -661,12 +685,13 @@ def load_task(cfg: DataConfig, model_dir: Path, process_index: int | None = None
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else assets.cache_root() / "tokenized"
     splits = {}
     for s, r in rows.items():
-        mine = np.arange(pi, len(r.keep), pc, dtype=np.int64)
+        slots = train_batch_size if s == "train" else None
+        mine = _share(len(r.keep), pi, pc, slots)
         texts = [r.texts[i] for i in mine]
         pairs = [r.pairs[i] for i in mine] if r.pairs is not None else None
         arrays, hit = _tokenized(tok, tok_hash, texts, pairs, cfg.max_length, cache_dir, s)
         splits[s] = TokenizedSplit(s, arrays["input_ids"], arrays["token_type_ids"], arrays["offsets"],
-                                   labels[s][mine], mine, len(r.keep), cfg.max_length, pi, pc, hit)
+                                   labels[s][mine], mine, len(r.keep), cfg.max_length, pi, pc, hit, slots)
     return task, splits
 
 
@@ -690,9 +715,55 @@ def _allgather_counts(local: np.ndarray) -> np.ndarray:
     return np.asarray(gathered).reshape(-1, len(local))
 
 
-def train_batch_counts(counts_PxK: np.ndarray, local_batch: int) -> np.ndarray:
-    """Full training batches per bucket every process can fill: min over processes of count // local_batch."""
-    return (counts_PxK // local_batch).min(axis=0)
+def _slot_members(split: TokenizedSplit, global_batch: int, lengths: list[int]) -> list[list[np.ndarray]]:
+    """Local row indices of each of this process's slots (outer) in each bucket (inner), in row order."""
+    per = global_batch // split.process_count
+    slot = split.rows % global_batch - split.process_index * per
+    key = slot * len(lengths) + np.searchsorted(np.asarray(lengths), split.lengths, side="left")
+    groups = np.split(np.argsort(key, kind="stable"), np.cumsum(np.bincount(key, minlength=per * len(lengths)))[:-1])
+    return [groups[s * len(lengths):(s + 1) * len(lengths)] for s in range(per)]
+
+
+def train_batch_counts(counts_SxK: np.ndarray) -> np.ndarray:
+    """Training batches per bucket from every slot's row count per bucket: n_k = the fewest rows any slot has
+    for bucket k, counting the rows it promotes from bucket k - 1 (those beyond n_{k-1})."""
+    n_K = np.zeros(counts_SxK.shape[1], np.int64)
+    carry_S = np.zeros(counts_SxK.shape[0], np.int64)
+    for k in range(len(n_K)):
+        avail_S = carry_S + counts_SxK[:, k]
+        n_K[k] = avail_S.min()
+        carry_S = avail_S - n_K[k]
+    return n_K
+
+
+def _rng(seed: int, epoch: int, slot: int | None = None) -> np.random.Generator:
+    # slot + 1: a SeedSequence ignores trailing zero words, so [seed, epoch, 0] would repeat [seed, epoch]
+    return np.random.default_rng([seed % 2**32, epoch] + ([] if slot is None else [slot + 1]))
+
+
+def _slot_epoch(members_K: list[np.ndarray], n_K: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+    """One slot's rows for the n_k batches of each bucket: the bucket's rows and those promoted from the bucket
+    below, shuffled; the rest move up a bucket, and the last bucket's rest is left out this epoch."""
+    out, carry = [], members_K[0][:0]
+    for members, n in zip(members_K, n_K, strict=True):
+        pool = rng.permutation(np.concatenate([carry, members]))
+        out.append(pool[:n])
+        carry = pool[n:]
+    return out
+
+
+def train_epoch_plan(slots: list[list[np.ndarray]], first_slot: int, n_K: np.ndarray, seed: int,
+                     epoch: int) -> list[tuple[int, np.ndarray]]:
+    """(bucket index, local row indices) of each step of an epoch for the slots first_slot, first_slot + 1, ...
+
+    Global batch j of bucket k is row j of every slot's bucket-k rows in slot order, so a process's rows are its
+    block of the global batch, and the global batches are the same for any number of processes.
+    """
+    order = np.repeat(np.arange(len(n_K)), n_K)
+    _rng(seed, epoch).shuffle(order)
+    per_slot = [_slot_epoch(members, n_K, _rng(seed, epoch, first_slot + s)) for s, members in enumerate(slots)]
+    chunks = [iter(np.stack([rows[k] for rows in per_slot], axis=1)) for k in range(len(n_K))]  # [n_k, slots]
+    return [(int(k), next(chunks[k])) for k in order]
 
 
 def eval_batch_counts(counts_PxK: np.ndarray, local_batch: int) -> np.ndarray:
@@ -803,12 +874,20 @@ def _check_processes(split: TokenizedSplit) -> None:
                         f"{jax.process_count()}; load it with the default process_index/process_count")
 
 
-class TrainBatches:
-    """Global training batches, epoch after epoch, in an order fixed by (seed, epoch); resumable.
+def _check_slots(split: TokenizedSplit, global_batch: int) -> None:
+    if split.process_count > 1 and split.batch_slots != global_batch:
+        loaded = "without train_batch_size" if split.batch_slots is None else f"for batch size {split.batch_slots}"
+        raise DataError(f"the {split.name} split was loaded {loaded} but batches have {global_batch} rows; load it "
+                        f"with load_task(..., train_batch_size={global_batch})")
 
-    Every process must construct it at the same time (it agrees on per-bucket counts with the others). Each
-    epoch has `steps_per_epoch` batches of `global_batch_size` rows; per bucket, the rows that don't fill a
-    whole batch on every process are left out that epoch. With sharding=None it yields numpy host batches.
+
+class TrainBatches:
+    """Global training batches, epoch after epoch, fixed by (seed, epoch) whatever the process count; resumable.
+
+    Every process must construct it at the same time (it agrees on per-slot counts with the others). Each epoch
+    has `steps_per_epoch` = N // B batches of B = `global_batch_size` rows and leaves out
+    `rows_dropped_per_epoch` = N % B rows (see the module docstring). With sharding=None it yields numpy host
+    batches.
     """
 
     def __init__(self, split: TokenizedSplit, global_batch_size: int, buckets: Sequence[int], seed: int,
@@ -818,15 +897,18 @@ class TrainBatches:
         self.split, self.seed, self.sharding = split, seed, sharding
         self.global_batch_size, self.prefetch, self.num_epochs = global_batch_size, prefetch, num_epochs
         self.local_batch = local_batch_size(global_batch_size, sharding, split.process_count)
+        _check_slots(split, global_batch_size)
         self.bucket_lengths = bucket_lengths(buckets, split.max_length)
-        self._members = _bucket_members(split, self.bucket_lengths)
-        counts = _allgather_counts(np.array([len(m) for m in self._members]))
-        self.batches_per_bucket = train_batch_counts(counts, self.local_batch)
+        self._slots = _slot_members(split, global_batch_size, self.bucket_lengths)
+        self.first_slot = split.process_index * self.local_batch
+        local_SxK = np.array([[len(m) for m in slot] for slot in self._slots])
+        counts_SxK = _allgather_counts(local_SxK.ravel()).reshape(global_batch_size, -1)  # processes own blocks
+        self.batches_per_bucket = train_batch_counts(counts_SxK)
         self.steps_per_epoch = int(self.batches_per_bucket.sum())
+        self.rows_dropped_per_epoch = int(counts_SxK.sum()) - self.steps_per_epoch * global_batch_size
         if self.steps_per_epoch == 0:
-            raise DataError(f"the training split has {split.num_rows_total} rows but no bucket of "
-                            f"{self.bucket_lengths} holds a full batch of {global_batch_size} rows; lower "
-                            f"train.global_batch_size or use fewer data.buckets")
+            raise DataError(f"the training split has {split.num_rows_total} rows, fewer than one batch of "
+                            f"{global_batch_size}; lower train.global_batch_size")
         self._epoch, self._step = 0, 0
         self._source: _Prefetch | Iterator | None = None
         if start_state is not None:
@@ -834,15 +916,7 @@ class TrainBatches:
 
     def epoch_plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         """(bucket index, local row indices) of each step of an epoch; the bucket order is the same everywhere."""
-        base = [self.seed % 2**32, epoch]
-        order = np.repeat(np.arange(len(self.bucket_lengths)), self.batches_per_bucket)
-        np.random.default_rng(base).shuffle(order)
-        rows_rng = np.random.default_rng(base + [self.split.process_index])
-        chunks = []
-        for k, members in enumerate(self._members):
-            n = int(self.batches_per_bucket[k]) * self.local_batch
-            chunks.append(iter(rows_rng.permutation(members)[:n].reshape(-1, self.local_batch)))
-        return [(int(k), next(chunks[k])) for k in order]
+        return train_epoch_plan(self._slots, self.first_slot, self.batches_per_bucket, self.seed, epoch)
 
     def _host_stream(self, epoch: int, step: int) -> Iterator[tuple[int, int, dict]]:
         while self.num_epochs is None or epoch < self.num_epochs:

@@ -119,7 +119,7 @@ def setup(cfg: RunConfig) -> Job:
     mesh = sharding.make_mesh(cfg.mesh)
     run_dir = Path(cfg.train.output_dir)
     model_dir = assets.resolve_model(cfg.model.name)
-    task, splits = data.load_task(cfg.data, model_dir)
+    task, splits = data.load_task(cfg.data, model_dir, train_batch_size=cfg.train.global_batch_size)
     if "train" not in splits:
         raise data.DataError("there is no training split; set data.train_file or a packaged data.task")
     model = _classifier(cfg, model_dir, task)
@@ -244,6 +244,7 @@ def train_loop(job: Job, log: RunLog, signals: _Signals) -> None:
             shown = {k: round(v, 4) for k, v in metrics.scalars(result).items() if k != "count"}
             log.say(f"step {step} validation: {shown}")
             step_metrics = _track_best(job, step, result)
+            window = _Window()  # examples/s counts training time only
         if step_metrics is not None or save_now or step == job.total_steps:
             job.ckpt.save(step, job.state, _meta(job), step_metrics)
         if stop:

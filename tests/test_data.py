@@ -180,15 +180,11 @@ def test_bucket_lengths_clip_and_include_max():
 def test_epoch_shapes_are_exactly_the_bucket_set(rt):
     cfg, _, splits = rt
     it = data.TrainBatches(splits["train"], 32, cfg.buckets, seed=0, sharding=None, prefetch=0)
-    members = np.bincount(np.searchsorted([24, 40, 64], splits["train"].lengths), minlength=3)
-    assert it.bucket_lengths == [24, 40, 64] and it.steps_per_epoch == sum(members // 32)
+    assert it.bucket_lengths == [24, 40, 64] and it.steps_per_epoch == 8457 // 32
     shapes, seen = set(), []
     for _ in range(it.steps_per_epoch):
         b = next(it)
-        L = b["input_ids"].shape[1]
-        real = b["attention_mask"].sum(1)
-        shorter = [0, *it.bucket_lengths][it.bucket_lengths.index(L)]
-        assert real.max() <= L and real.min() > shorter  # each row in the smallest bucket that holds it
+        assert b["attention_mask"].sum(1).max() <= b["input_ids"].shape[1]  # never cut: rows only move up
         shapes.add(b["input_ids"].shape)
         seen.append(b)
     assert shapes == {(32, 24), (32, 40), (32, 64)}
@@ -197,6 +193,24 @@ def test_epoch_shapes_are_exactly_the_bucket_set(rt):
     assert {k: v.dtype for k, v in seen[0].items()} == {
         "input_ids": np.int32, "attention_mask": np.int32, "token_type_ids": np.int32, "labels": np.int32,
         "weight": np.float32}
+
+
+def test_rows_move_up_a_bucket_only_as_far_as_the_slot_counts_say(rt):
+    cfg, _, splits = rt
+    split = splits["train"]
+    it = data.TrainBatches(split, 32, cfg.buckets, seed=0, sharding=None, prefetch=0)
+    own = np.searchsorted(it.bucket_lengths, split.lengths)
+    cum_own, cum_n = np.cumsum(np.bincount(own, minlength=3)), np.cumsum(it.batches_per_bucket) * 32
+    for epoch in (0, 1):
+        plan = it.epoch_plan(epoch)
+        assert all(len(idx) == 32 and (own[idx] <= k).all() for k, idx in plan)
+        placed = np.full(len(split), len(it.bucket_lengths))  # the bucket each row is padded to; left out: past all
+        for k, idx in plan:
+            placed[idx] = k
+        # Rows pass above bucket k exactly as many as the rows up to bucket k exceed the batches up to it.
+        assert [int(((own <= k) & (placed > k)).sum()) for k in range(3)] == (cum_own - cum_n).tolist()
+        assert (placed == 3).sum() == it.rows_dropped_per_epoch == (cum_own - cum_n)[-1]
+        assert (placed > own).sum() - it.rows_dropped_per_epoch < 0.1 * len(split)  # promoted: a small share
 
 
 def test_order_depends_on_seed_and_epoch_and_drops_differ(rt):
@@ -212,8 +226,9 @@ def test_order_depends_on_seed_and_epoch_and_drops_differ(rt):
     e0, e1 = a.epoch_plan(0), a.epoch_plan(1)
     rows0, rows1 = np.concatenate([i for _, i in e0]), np.concatenate([i for _, i in e1])
     assert len(set(rows0.tolist())) == len(rows0) == a.steps_per_epoch * 32  # no row twice in an epoch
+    assert a.rows_dropped_per_epoch == 8457 % 32 == 8457 - len(rows0)  # fewer than one batch is left out
     assert not np.array_equal(rows0, rows1)
-    assert set(rows0.tolist()) != set(rows1.tolist())  # other rows fall in the ragged tails
+    assert set(rows0.tolist()) != set(rows1.tolist())  # other rows are left out
     other = data.TrainBatches(splits["train"], 32, cfg.buckets, seed=4, sharding=None)
     assert not np.array_equal(np.concatenate([i for _, i in other.epoch_plan(0)]), rows0)
 
@@ -293,10 +308,61 @@ def test_host_shares_are_disjoint_cover_all_and_tokenize_half(tmp_path, model_di
         data.TrainBatches(shares[1], 8, [16], seed=0, sharding=None)
 
 
-def test_batch_counts_agree_over_processes():
-    counts_PxK = np.array([[70, 9, 0], [65, 17, 3]])
-    assert data.train_batch_counts(counts_PxK, 8).tolist() == [8, 1, 0]
-    assert data.eval_batch_counts(counts_PxK, 8).tolist() == [9, 3, 1]
+def test_host_shares_follow_the_batch_slots(tmp_path, model_dir):
+    train = _write(tmp_path, "t.csv", "text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(21)))
+    shares = [data.load_task(_cfg(tmp_path, train_file=train), model_dir, p, 2, train_batch_size=8)[1]["train"]
+              for p in (0, 1)]
+    assert shares[0].rows.tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]  # slots 0-3 of every batch
+    assert shares[1].rows.tolist() == [4, 5, 6, 7, 12, 13, 14, 15, 20]
+    assert shares[1].batch_slots == 8 and shares[1].labels.tolist() == [r % 2 for r in shares[1].rows]
+    with pytest.raises(DataError, match="loaded for batch size 8 but batches have 16 rows"):
+        data._check_slots(shares[0], 16)
+    with pytest.raises(DataError, match="global_batch_size 9 does not divide over 2 processes"):
+        data.load_task(_cfg(tmp_path, train_file=train), model_dir, 0, 2, train_batch_size=9)
+
+
+def _global_plan(shares: list[data.TokenizedSplit], B: int, lengths: list[int], seed: int, epoch: int):
+    """(bucket, global row ids) of each step, from every process's share as the processes build them together."""
+    slots = [data._slot_members(s, B, lengths) for s in shares]
+    counts_SxK = np.array([[len(m) for m in slot] for share in slots for slot in share])  # the allgather
+    n_K = data.train_batch_counts(counts_SxK)
+    plans = [data.train_epoch_plan(sl, s.process_index * B // s.process_count, n_K, seed, epoch)
+             for s, sl in zip(shares, slots, strict=True)]
+    steps = []
+    for parts in zip(*plans, strict=True):
+        assert len({k for k, _ in parts}) == 1  # every process pads to the same length
+        steps.append((parts[0][0], np.concatenate([s.rows[i] for s, (_, i) in zip(shares, parts, strict=True)])))
+    return steps
+
+
+def test_global_batches_do_not_depend_on_the_process_count(tmp_path, model_dir):
+    texts = [" ".join(["word"] * (1 + (i * 11) % 29)) for i in range(301)]
+    train = _write(tmp_path, "t.csv", "text,label\n" + "".join(f"{t},{i % 2}\n" for i, t in enumerate(texts)))
+    cfg, B, lengths = _cfg(tmp_path, train_file=train, max_length=32, buckets=[8, 16]), 8, [8, 16, 32]
+    plans = {}
+    for P in (1, 2, 4):
+        shares = [data.load_task(cfg, model_dir, p, P, train_batch_size=B)[1]["train"] for p in range(P)]
+        plans[P] = [_global_plan(shares, B, lengths, seed=5, epoch=e) for e in (0, 1)]
+    for P in (2, 4):
+        for want, got in zip(plans[1], plans[P], strict=True):
+            assert [k for k, _ in got] == [k for k, _ in want]
+            np.testing.assert_array_equal(np.stack([r for _, r in got]), np.stack([r for _, r in want]))
+    steps = plans[1][0]
+    assert len(steps) == 301 // B and {k for k, _ in steps} == {0, 1, 2}
+    assert all((rows % B == np.arange(B)).all() for _, rows in steps)  # row i always sits at position i % B
+    used = np.concatenate([r for _, r in steps])
+    assert len(set(used.tolist())) == len(used) == 301 - 301 % B
+    single = data.load_task(cfg, model_dir)[1]["train"]  # the real iterator agrees with the emulated processes
+    it = data.TrainBatches(single, B, [8, 16], seed=5, sharding=None, prefetch=0)
+    assert it.rows_dropped_per_epoch == 301 % B
+    assert [(k, single.rows[i].tolist()) for k, i in it.epoch_plan(1)] == [(k, r.tolist()) for k, r in plans[1][1]]
+
+
+def test_train_batch_counts_promote_a_slots_extra_rows():
+    assert data.train_batch_counts(np.array([[5, 1, 0], [3, 2, 1], [4, 0, 2]])).tolist() == [3, 1, 2]
+    assert data.train_batch_counts(np.array([[5, 1, 0], [3, 2, 2]])).tolist() == [3, 2, 1]  # one row left out
+    assert data.train_batch_counts(np.array([[0, 0, 4], [9, 0, 0]])).tolist() == [0, 0, 4]
+    assert data.eval_batch_counts(np.array([[70, 9, 0], [65, 17, 3]]), 8).tolist() == [9, 3, 1]
     assert data._allgather_counts(np.array([4, 5])).tolist() == [[4, 5]]
 
 
@@ -411,22 +477,25 @@ from jax.sharding import NamedSharding, PartitionSpec
 from flaxclf import data
 from flaxclf.config import DataConfig
 cfg = DataConfig(task=None, train_file=train, cache_dir=cache, max_length=32, buckets=[8, 16])
-_, splits = data.load_task(cfg, model_dir)
+_, splits = data.load_task(cfg, model_dir, train_batch_size=8)
 split = splits["train"]
 sh = NamedSharding(jax.make_mesh((4, 1), ("data", "fsdp")), PartitionSpec(("data", "fsdp")))
 it = data.TrainBatches(split, 8, cfg.buckets, seed=0, sharding=sh, prefetch=2)
 shapes = [list(next(it)["input_ids"].shape) for _ in range(it.steps_per_epoch)]
 it.close()
+train_plan = [[k, split.rows[i].tolist()] for k, i in it.epoch_plan(0)]
 weights = [b["weight"] for b in data.eval_batches(split, 8, cfg.buckets, sh)]
 total = jax.jit(lambda ws: sum(jnp.sum(w) for w in ws))(weights)
 plan = data.eval_plan(split, 8, cfg.buckets, sh)
 print(json.dumps({"steps": it.steps_per_epoch, "shapes": shapes, "eval_weight": float(total),
-                  "eval_rows": [split.rows[i].tolist() for _, i in plan], "local": len(split)}))
+                  "eval_rows": [split.rows[i].tolist() for _, i in plan], "local": len(split),
+                  "train_plan": train_plan}))
 '''
 
 
 def test_two_processes_agree_on_batches(tmp_path, model_dir):
-    """Two real jax processes (gloo): the same steps and shapes, and evaluation covers each row once."""
+    """Two real jax processes (gloo): the same steps and shapes, the global batches of one process, and evaluation
+    covers each row once."""
     import socket
     import subprocess
     import sys
@@ -443,8 +512,13 @@ def test_two_processes_agree_on_batches(tmp_path, model_dir):
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
     r0, r1 = (json.loads(o[0].strip().splitlines()[-1]) for o in outs)
-    assert (r0["local"], r1["local"]) == (51, 50)
-    assert r0["steps"] == r1["steps"] > 0 and r0["shapes"] == r1["shapes"]
+    assert (r0["local"], r1["local"]) == (52, 49)  # slots 0-3 and 4-7 of 12 full batches and 5 rows
+    assert r0["steps"] == r1["steps"] == 101 // 8 and r0["shapes"] == r1["shapes"]
+    cfg = _cfg(tmp_path, train_file=train, max_length=32, buckets=[8, 16])
+    single = data.load_task(cfg, model_dir)[1]["train"]
+    want = [[k, single.rows[i].tolist()] for k, i in data.TrainBatches(single, 8, [8, 16], 0, None).epoch_plan(0)]
+    assert [k for k, _ in r0["train_plan"]] == [k for k, _ in r1["train_plan"]]
+    assert [[k, a + b] for (k, a), (_, b) in zip(r0["train_plan"], r1["train_plan"], strict=True)] == want
     assert r0["eval_weight"] == r1["eval_weight"] == 101.0
     seen = [r for batch in r0["eval_rows"] + r1["eval_rows"] for r in batch]
     assert sorted(seen) == list(range(101)) and len(r0["eval_rows"]) == len(r1["eval_rows"])

@@ -1,5 +1,5 @@
 """One job over two real processes (gloo CPU collectives, 4 fake devices each), preempted and resumed, against
-one process with 8 fake devices on the same batches."""
+the same job on one process with 8 fake devices: the same global batches, so the same params."""
 
 from __future__ import annotations
 
@@ -16,13 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
 
 # Runs flaxclf.train.run in one process. XLA_FLAGS is set before jax is imported. Hooks record what this process
-# tokenized and which global rows made each of its batches; `replay` feeds a 1-process run the 2-process batches.
+# tokenized and which global rows made each of its batches.
 _DRIVER = r'''
 import json, os, signal, sys
 spec = json.loads(sys.argv[1])
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec['devices']}"
 os.environ["JAX_PLATFORMS"] = "cpu"
-import numpy as np
 from flaxclf import checkpoint, data, train
 from flaxclf.config import load_config
 
@@ -41,9 +40,6 @@ def recording_load_task(*args, **kwargs):
     return task, splits
 
 def recording_plan(self, epoch):
-    if spec.get("replay"):  # the global rows of each 2-process batch, process 0's share first (its devices lead)
-        shares = [json.load(open(p))["plan"][str(epoch)] for p in spec["replay"]]
-        return [(b0[0], np.array(b0[1] + b1[1])) for b0, b1 in zip(*shares)]
     steps = plan(self, epoch)
     out["plan"][str(epoch)] = [(int(k), self.split.rows[idx].tolist()) for k, idx in steps]
     return steps
@@ -140,9 +136,8 @@ def test_two_processes_preempted_and_resumed_equal_one_process(tmp_path, tiny_mo
     codes = _launch(driver, multi(1, _free_port()), tmp_path)
     assert [c for c, _ in codes] == [143, 143], "\n".join(t for _, t in codes)
     # Phase 2: a fresh pair of processes resumes from checkpoint 4 and trains to step 6. Beside it, the reference:
-    # one process with 8 devices fed the same global batches (process 0's rows first, as its devices lead the mesh).
+    # the same job, uninterrupted, on one process with 8 devices.
     ref = {"devices": 8, "config": config, "report": str(tmp_path / "single.json"),
-           "replay": [str(tmp_path / f"phase1-p{i}.json") for i in (0, 1)],
            "overrides": common + [f"train.output_dir={tmp_path / 'single'}",
                                   f"data.cache_dir={tmp_path / 'cache-single'}", "distributed.mode='off'"]}
     codes = _launch(driver, multi(2, _free_port()) + [ref], tmp_path)
@@ -152,14 +147,16 @@ def test_two_processes_preempted_and_resumed_equal_one_process(tmp_path, tiny_mo
     assert [r["start_step"] for r in phase1 + phase2] == [0, 0, 4, 4]
     assert phase1[0]["plan"] == phase2[0]["plan"] and phase1[1]["plan"] == phase2[1]["plan"]
 
-    # Each process tokenized (phase 1) or loaded from the cache (phase 2) only its half of every split.
+    # Each process tokenized (phase 1) or loaded from the cache (phase 2) only its share of every split: for train,
+    # its 8 slots of the global batch of 16 (row i sits in slot i % 16); for validation, rows i % 2.
+    owners = {"train": lambda i: (i % 16) // 8, "validation": lambda i: i % 2}
     for reports in (phase1, phase2):
         for split, total in (("train", 203), ("validation", 41)):
             local = [r["splits"][split]["local"] for r in reports]
-            assert [r["tokenized"][split] for r in reports] == local == [(total + 1) // 2, total // 2]
+            assert [r["tokenized"][split] for r in reports] == local
             assert all(r["splits"][split]["total"] == total for r in reports)
-            rows = [set(r["splits"][split]["rows"]) for r in reports]
-            assert not rows[0] & rows[1] and rows[0] | rows[1] == set(range(total))
+            assert [r["splits"][split]["rows"] for r in reports] == [
+                [i for i in range(total) if owners[split](i) == p] for p in (0, 1)]
 
     # Process 0 alone wrote the run files; the checkpoints hold the interval save, the preemption save and the end.
     multi_dir = tmp_path / "multi"
@@ -170,6 +167,11 @@ def test_two_processes_preempted_and_resumed_equal_one_process(tmp_path, tiny_mo
 
     single = _read(tmp_path / "single.json")
     assert single["tokenized"] == {"train": 203, "validation": 41}
+    # Without any help the single process draws the same global batches: process 0's slots, then process 1's.
+    assert single["plan"].keys() == phase1[0]["plan"].keys() == {"0"}
+    shares = list(zip(phase1[0]["plan"]["0"], phase1[1]["plan"]["0"], strict=True))
+    assert all(k0 == k1 for (k0, _), (k1, _) in shares)
+    assert single["plan"]["0"] == [[k, rows0 + rows1] for (k, rows0), (_, rows1) in shares]
 
     got = load_file(str(multi_dir / "export" / "model.safetensors"))
     want = load_file(str(tmp_path / "single" / "export" / "model.safetensors"))
