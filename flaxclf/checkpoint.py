@@ -212,7 +212,7 @@ def classifier_from_meta(meta: dict, cfg: RunConfig) -> tuple[BertClassifier, Pa
     model_dir = assets.resolve_model(cfg.model.name)
     overrides = dict(meta["classifier"], label_names=tuple(meta["classifier"]["label_names"]))
     config = weights.classifier_config(model_dir, **overrides)
-    return BertClassifier(config, dtype=jnp.dtype(cfg.model.dtype)), model_dir
+    return BertClassifier(config, dtype=jnp.dtype(cfg.model.dtype), impl=cfg.model.impl), model_dir
 
 
 def load_params_for_inference(run_dir: str | Path, step: int | str | None = None,

@@ -30,6 +30,8 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of the parameters
     remat: bool = False  # gradient checkpointing of each encoder layer
+    # The encoder: transformers' FlaxBertModule, or flaxclf's same-math faster layout (bench/README.md).
+    impl: Literal["hf", "fast"] = "hf"
 
 
 @dataclass

@@ -99,8 +99,9 @@ class BertClassifier(nn.Module):
     config: ClassifierConfig
     dtype: Any = jnp.float32  # compute dtype; the parameters keep their own dtype
     remat: bool = False  # gradient checkpointing of each encoder layer
-    # "fast": flaxclf.fast_bert (same params and math, faster layout); "hf": transformers' FlaxBertModule.
-    impl: str = "fast"
+    # "hf": transformers' FlaxBertModule (the design's backbone); "fast": flaxclf.fast_bert, the same params and
+    # math in a layout XLA runs faster (bench/README.md), opt-in.
+    impl: str = "hf"
 
     def setup(self):
         if self.impl not in IMPLS:

@@ -109,7 +109,8 @@ def _run_classifier(run_dir: Path, cfg: RunConfig, model_dir: Path) -> BertClass
                                  "problem_type": problem_type}
     if cfg.model.classifier_dropout is not None:
         overrides["classifier_dropout"] = cfg.model.classifier_dropout
-    return BertClassifier(weights.classifier_config(model_dir, **overrides), dtype=DTYPES[cfg.model.dtype])
+    return BertClassifier(weights.classifier_config(model_dir, **overrides), dtype=DTYPES[cfg.model.dtype],
+                          impl=cfg.model.impl)
 
 
 def _load_run(run_dir: Path, step: str | int | None, max_length: int | None) -> Loaded:

@@ -101,7 +101,7 @@ def _classifier_overrides(cfg: RunConfig, task: data.Task) -> dict:
 
 def _classifier(cfg: RunConfig, model_dir: Path, task: data.Task) -> BertClassifier:
     config: ClassifierConfig = weights.classifier_config(model_dir, **_classifier_overrides(cfg, task))
-    return BertClassifier(config, dtype=DTYPES[cfg.model.dtype], remat=cfg.model.remat)
+    return BertClassifier(config, dtype=DTYPES[cfg.model.dtype], remat=cfg.model.remat, impl=cfg.model.impl)
 
 
 def _meta(job: Job) -> dict:
