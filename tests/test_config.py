@@ -151,3 +151,8 @@ def test_cross_field_validation(overrides, expected):
 def test_accumulation_that_divides_is_accepted():
     cfg = load_config(None, ["train.global_batch_size=32", "optim.grad_accum_steps=4"])
     assert cfg.train.global_batch_size // cfg.optim.grad_accum_steps == 8
+
+
+def test_default_yaml_spells_out_the_builtin_defaults():
+    """`python train.py` with no --config and `--config configs/default.yaml` must run the same job."""
+    assert load_config(Path(__file__).resolve().parents[1] / "configs/default.yaml") == RunConfig()

@@ -41,18 +41,16 @@ def test_padding_never_reaches_the_logits(loaded):
     assert np.all(inf.moved[pad] == 0.0) and np.all(inf.grad[pad] == 0.0)
 
 
+@pytest.mark.parametrize("loaded", ["cls_pooler", "cls"], indirect=True)
 def test_cls_heads_read_position_0_only(loaded):
-    if loaded.model.config.pooling not in ("cls_pooler", "cls"):
-        pytest.skip("a CLS head only")
     inf = _measure(loaded)
     assert inf.moved[0] > 0 and inf.grad[0] > 0
     assert np.all(inf.moved[1:] == 0.0) and np.all(inf.grad[1:] == 0.0)  # exactly zero, not small
     assert inspect.verdict(loaded.model.config.pooling, inf).startswith("Yes: it classifies on the [CLS] vector")
 
 
+@pytest.mark.parametrize("loaded", ["mean"], indirect=True)
 def test_mean_reads_every_real_position(loaded):
-    if loaded.model.config.pooling != "mean":
-        pytest.skip("mean pooling only")
     inf = _measure(loaded)
     real = inf.mask.astype(bool)
     assert np.all(inf.moved[real] > 0) and np.all(inf.grad[real] > 0)
@@ -61,10 +59,9 @@ def test_mean_reads_every_real_position(loaded):
     assert inspect.verdict("mean", inf).startswith("No: pooling=mean reads more than position 0")
 
 
+@pytest.mark.parametrize("loaded", ["cls_pooler", "mean"], indirect=True)
 def test_measured_change_matches_a_direct_perturbation(loaded):
     """The table's number for position i equals running the head by hand with h_i moved by the same vector."""
-    if loaded.model.config.pooling not in ("cls_pooler", "mean"):
-        pytest.skip("one CLS head and one pooled head are enough")
     batch, _ = inspect.encode_text(loaded, TEXT, pad_to=16)
     m, params = loaded.model, loaded.params
     inf = _measure(loaded)
