@@ -10,7 +10,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
@@ -253,7 +252,7 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | str 
     """Writes a run's checkpoint (latest, 'best' or a step number) as a Hugging Face
     BertForSequenceClassification folder (config.json, model.safetensors, tokenizer files); returns it."""
     model, params, meta = load_params_for_inference(run_dir, step)
-    host = jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), params)
+    host = jax.tree.map(sharding.to_host, params)
     out = Path(out_dir)
     if jax.process_index() == 0:
         weights.export_hf(out, model.config, host, meta["model_dir"])

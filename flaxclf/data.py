@@ -614,7 +614,7 @@ def _tokenized(tok, tok_hash: str, texts: list[str], pairs: list[str] | None, ma
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _max_positions(model_dir: Path) -> int | None:
+def max_positions(model_dir: Path) -> int | None:
     path = model_dir / "config.json"
     return json.loads(path.read_text()).get("max_position_embeddings") if path.is_file() else None
 
@@ -672,7 +672,7 @@ def load_task(cfg: DataConfig, model_dir: Path, process_index: int | None = None
         raise DataError(f"train.global_batch_size {train_batch_size} does not divide over {pc} processes; use a "
                         f"positive multiple of {pc}")
     model_dir = Path(model_dir)
-    limit = _max_positions(model_dir)
+    limit = max_positions(model_dir)
     if limit is not None and cfg.max_length > limit:
         raise DataError(f"data.max_length {cfg.max_length} is above the model's max_position_embeddings {limit} "
                         f"({model_dir / 'config.json'}); use data.max_length <= {limit}")

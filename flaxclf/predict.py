@@ -20,7 +20,6 @@ from flaxclf.model import MULTI, REGRESSION, SINGLE, BertClassifier
 
 log = logging.getLogger("flaxclf")
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DEFAULT_BUCKETS = DataConfig().buckets
 DEFAULT_MAX_LENGTH = DataConfig().max_length
 
@@ -57,10 +56,6 @@ def is_run_dir(path: str | Path) -> bool:
     return (p / "config.yaml").is_file() and ((p / "checkpoints").is_dir() or (p / "export").is_dir())
 
 
-def _max_positions(model_dir: Path) -> int:
-    return int(json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings", 512))
-
-
 def load(source: str, *, step: str | int | None = None, pooling: str | None = None, num_labels: int | None = None,
          max_length: int | None = None) -> Loaded:
     """A run directory (its checkpoint `step`: None = latest, 'best', or a number), an HF folder or a packaged
@@ -81,7 +76,7 @@ def load(source: str, *, step: str | int | None = None, pooling: str | None = No
     params = weights.load_params(model, folder, jax.random.PRNGKey(0))
     notes = [] if _has_head(folder) else [f"{source} has no trained classifier head (a base model): the head is "
                                           "random, so its predictions mean nothing"]
-    length = min(max_length or DEFAULT_MAX_LENGTH, _max_positions(folder))
+    length = min(max_length or DEFAULT_MAX_LENGTH, data.max_positions(folder) or 512)
     return Loaded(model, params, folder, str(source), length, list(DEFAULT_BUCKETS), None, notes)
 
 
@@ -94,23 +89,6 @@ def _run_config(run_dir: Path) -> RunConfig:
     import yaml
 
     return from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-
-
-def _run_classifier(run_dir: Path, cfg: RunConfig, model_dir: Path) -> BertClassifier:
-    """The model a run trained, rebuilt from its config.yaml and labels.json."""
-    labels_path = run_dir / "labels.json"
-    if not labels_path.is_file():
-        raise InferenceError(f"{run_dir} has no labels.json; it is not a complete flaxclf run directory")
-    labels = json.loads(labels_path.read_text())
-    id2label = {int(k): v for k, v in labels["id2label"].items()}
-    problem_type = labels["problem_type"]
-    names = () if problem_type == REGRESSION else tuple(id2label[i] for i in range(len(id2label)))
-    overrides: dict[str, Any] = {"num_labels": len(id2label), "label_names": names, "pooling": cfg.model.pooling,
-                                 "problem_type": problem_type}
-    if cfg.model.classifier_dropout is not None:
-        overrides["classifier_dropout"] = cfg.model.classifier_dropout
-    return BertClassifier(weights.classifier_config(model_dir, **overrides), dtype=DTYPES[cfg.model.dtype],
-                          impl=cfg.model.impl)
 
 
 def _load_run(run_dir: Path, step: str | int | None, max_length: int | None) -> Loaded:
@@ -129,8 +107,11 @@ def _load_run(run_dir: Path, step: str | int | None, max_length: int | None) -> 
             raise InferenceError(f"{run_dir} has no checkpoints/, so --step can't be used")
         cfg = _run_config(run_dir)
         model_dir = assets.resolve_model(cfg.model.name)
-        model = _run_classifier(run_dir, cfg, model_dir)
-        params, which = weights.load_params(model, run_dir / "export", jax.random.PRNGKey(0)), "export/"
+        # The export's config.json carries the head (labels, problem type, dropout); the run's the compute dtype.
+        export = run_dir / "export"
+        model = BertClassifier(weights.classifier_config(export, pooling=cfg.model.pooling),
+                               dtype=jnp.dtype(cfg.model.dtype), impl=cfg.model.impl)
+        params, which = weights.load_params(model, export, jax.random.PRNGKey(0)), "export/"
     return Loaded(model, params, model_dir, f"{run_dir} ({which})", max_length or cfg.data.max_length,
                   list(cfg.data.buckets), cfg)
 

@@ -109,6 +109,13 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, P]] = PARAM
                         is_leaf=lambda x: isinstance(x, P))
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global (possibly sharded, multi-process) array as numpy on every process; all processes must call it."""
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dim split over both the "data" and "fsdp" axes; other dims replicated."""
     return NamedSharding(mesh, P(("data", "fsdp")))

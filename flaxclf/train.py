@@ -20,13 +20,12 @@ from jax.experimental import multihost_utils
 from flaxclf import assets, data, distributed, metrics, sharding, weights
 from flaxclf.checkpoint import Checkpointer, CheckpointError, check_compatible, discard, lower_is_better
 from flaxclf.config import RunConfig
-from flaxclf.model import BertClassifier, ClassifierConfig
+from flaxclf.model import BertClassifier, ClassifierConfig, cast_floats
 from flaxclf.optim import lr_schedule, make_optimizer
 from flaxclf.runlog import RunLog
 from flaxclf.steps import TrainState, abstract_state, compile_steps, create_state, state_shardings
 
 PREEMPTED_EXIT_CODE = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + signal, after a complete checkpoint
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 class TrainingError(RuntimeError):
@@ -101,7 +100,7 @@ def _classifier_overrides(cfg: RunConfig, task: data.Task) -> dict:
 
 def _classifier(cfg: RunConfig, model_dir: Path, task: data.Task) -> BertClassifier:
     config: ClassifierConfig = weights.classifier_config(model_dir, **_classifier_overrides(cfg, task))
-    return BertClassifier(config, dtype=DTYPES[cfg.model.dtype], remat=cfg.model.remat, impl=cfg.model.impl)
+    return BertClassifier(config, dtype=jnp.dtype(cfg.model.dtype), remat=cfg.model.remat, impl=cfg.model.impl)
 
 
 def _meta(job: Job) -> dict:
@@ -128,7 +127,7 @@ def setup(cfg: RunConfig) -> Job:
                                 batch_s, prefetch=cfg.data.prefetch)
     total = cfg.train.max_steps or cfg.train.epochs * batches.steps_per_epoch
     tx = make_optimizer(cfg.optim, total)
-    abstract = abstract_state(model, tx, DTYPES[cfg.model.param_dtype])
+    abstract = abstract_state(model, tx, jnp.dtype(cfg.model.param_dtype))
     shardings = state_shardings(abstract, mesh)
     if cfg.checkpoint.fresh and jax.process_index() == 0:
         discard(run_dir / "checkpoints")
@@ -138,7 +137,7 @@ def setup(cfg: RunConfig) -> Job:
     best = {"value": None, "step": None}
     if restored is None:
         host = weights.load_params(model, model_dir, jax.random.PRNGKey(cfg.train.seed))
-        host = jax.tree.map(lambda x: x.astype(DTYPES[cfg.model.param_dtype]), host)
+        host = cast_floats(host, jnp.dtype(cfg.model.param_dtype))
         state = create_state(host, tx, shardings, cfg.train.seed)
     else:
         state, meta = restored
@@ -161,11 +160,6 @@ def _restore(ckpt: Checkpointer, abstract, shardings, cfg: RunConfig, task: data
     return out[1], out[2]
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    """A global array as numpy on every process (all processes must call it)."""
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def evaluate(job: Job, params: Any, split: str) -> dict:
     """Metrics over every example of a split exactly once (padding rows have weight 0), on any mesh."""
     batch_s = sharding.batch_sharding(job.mesh)
@@ -174,7 +168,7 @@ def evaluate(job: Job, params: Any, split: str) -> dict:
                                    batch_s, prefetch=job.cfg.data.prefetch):
         logits = job.eval_step(params, batch)
         for k, v in (("logits", logits), ("labels", batch["labels"]), ("weight", batch["weight"])):
-            out[k].append(_to_host(v))
+            out[k].append(sharding.to_host(v))
     cat = {k: np.concatenate(v) for k, v in out.items()}
     return metrics.compute_metrics(job.model.config.problem_type, cat["logits"], cat["labels"], cat["weight"],
                                    job.task.label_names)
@@ -297,7 +291,7 @@ def finish(job: Job, log: RunLog) -> dict:
             result = evaluate(job, params, split)
             summary[split] = metrics.scalars(result)
             log.write({"step": int(job.state.step), "split": f"{split}_{which.split()[0]}", **result})
-    host = jax.tree.map(_to_host, params)
+    host = jax.tree.map(sharding.to_host, params)
     if jax.process_index() == 0:
         if job.model.config.pooling == "cls_pooler":
             summary["export_dir"] = str(weights.export_hf(job.run_dir / "export", job.model.config, host,
