@@ -16,9 +16,10 @@ machine.
     .venv/bin/python bench/step_vs_torch.py --systems fast,hf,bf16,torch   # + HF's Flax module, bf16 opt-in
     .venv/bin/python bench/step_vs_torch.py --profile            # per-op time tables (XLA thunks, torch ops)
 
-Systems: hf = flaxclf's default backbone (transformers' FlaxBertModule, fp32); fast = flaxclf with
-model.impl=fast (flaxclf.fast_bert: same params and math, another layout, fp32, opt-in); bf16 = fast with bf16
-compute over fp32 params (opt-in, not exact); torch = the reference.
+Systems: fast = flaxclf's default backbone (model.impl=fast, flaxclf.fast_bert: FlaxBertModule's params and
+math in another layout, [CLS]-only last layer, fp32); hf = model.impl=hf (transformers' FlaxBertModule, fp32);
+bf16 = fast with model.dtype=bfloat16 (opt-in mixed precision: bf16 matmul inputs, fp32 accumulation and
+everything else fp32, fp32 params); torch = the reference (fp32).
 """
 
 from __future__ import annotations
@@ -148,14 +149,18 @@ def build(systems: list[str], what: list[str], batch: int, length: int, infer_ba
     return fns, hlos
 
 
-def interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of every function, one call of each per round."""
+def interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 2,
+                pause: float = 0.0) -> dict[str, list[float]]:
+    """Seconds per call of every function, one call of each per round. `pause` seconds of sleep before each
+    call let the previous system's worker threads (XLA's pool, torch's OpenMP team) stop spinning first: on 2
+    cores a spinning pool steals the next system's cores."""
     for f in fns.values():
         for _ in range(warmup):
             f()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for name, f in fns.items():
+            time.sleep(pause)
             start = time.perf_counter()
             f()
             times[name].append(time.perf_counter() - start)
@@ -231,6 +236,7 @@ def main() -> None:
     p.add_argument("--infer-batch", type=int, default=64)
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--pause", type=float, default=1.0, help="seconds of sleep before each timed call")
     p.add_argument("--profile", action="store_true", help="print per-op time tables instead of timing")
     a = p.parse_args()
     what, systems = a.what.split(","), a.systems.split(",")
@@ -253,7 +259,7 @@ def main() -> None:
                     for op, ms, share in rows:
                         print(f"{ms:9.2f} ms {100 * share:5.1f}%  {op}")
             continue
-        res = summarize(interleaved(fns[w], a.reps), examples)
+        res = summarize(interleaved(fns[w], a.reps, pause=a.pause), examples)
         print(json.dumps({"what": w, "batch": examples, "length": a.length, "results": res}))
 
 

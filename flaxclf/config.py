@@ -27,11 +27,16 @@ class ModelConfig:
     problem_type: Literal["single_label_classification", "multi_label_classification", "regression"] | None = None
     # None: use the backbone's hidden_dropout_prob, as BertForSequenceClassification does.
     classifier_dropout: float | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
+    # Compute dtype. With impl=fast, bfloat16 is mixed precision (matmul inputs bf16, fp32 accumulation, the rest
+    # fp32; ~1.3x faster training, ~1.6x faster inference on a CPU with AVX-512 bf16: bench/README.md); with
+    # impl=hf every op runs in it.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of the parameters
     remat: bool = False  # gradient checkpointing of each encoder layer
-    # The encoder: transformers' FlaxBertModule, or flaxclf's same-math faster layout (bench/README.md).
-    impl: Literal["hf", "fast"] = "hf"
+    # The encoder. fast: flaxclf.fast_bert, FlaxBertModule's params, init and dropout masks in a layout XLA runs
+    # faster, computing only position 0 in the last layer under [CLS] pooling (bench/README.md). hf:
+    # transformers' FlaxBertModule itself. Both match PyTorch's BertForSequenceClassification in fp32.
+    impl: Literal["hf", "fast"] = "fast"
 
 
 @dataclass
@@ -48,7 +53,7 @@ class DataConfig:
     label_type: Literal["auto", "string", "int", "float", "multi"] = "auto"
     max_length: int = 128
     # Padded lengths of the batches; each batch pads to the smallest bucket that holds its longest row.
-    buckets: list[int] = field(default_factory=lambda: [32, 64, 128])
+    buckets: list[int] = field(default_factory=lambda: [16, 24, 32, 40, 48, 64, 128])
     empty_text: Literal["error", "skip"] = "error"
     cache_dir: str | None = None  # tokenization cache; None: under the flaxclf cache
     prefetch: int = 2  # batches placed on the devices ahead of the step

@@ -7,13 +7,21 @@ Same math as FlaxBertModule, in fp32 to the last bit of the dropout masks; what 
   * heads are moved ahead of the sequence once ([B, L, 3, H, Dh] -> [3, B, H, L, Dh]), so both attention
     matmuls are plain batched GEMMs over B*H contiguous [L, Dh] blocks; FlaxBertSelfAttention's einsums
     ('...qhd,...khd->...hqk') make XLA:CPU copy operands into that layout inside every dot, forward and backward;
-  * the padding bias [B, 1, 1, L] is built once per forward pass instead of once per layer.
+  * the padding bias [B, 1, 1, L] is built once per forward pass instead of once per layer;
+  * without dropout, softmax(s) @ v is computed as (exp(s - max) @ v) / sum, which XLA:CPU fuses into the
+    second matmul instead of writing and re-reading the [B, H, L, L] probabilities;
+  * with cls_only=True (the classifier's [CLS] poolings) the last layer computes position 0 alone.
+`dtype` is the matmul input dtype. fp32 (the default) is exact. bf16 is mixed precision, as torch's autocast:
+matmul inputs in bf16 with fp32 accumulation and an fp32 result; embeddings, LayerNorm, GELU, softmax, dropout
+and the residual stream stay fp32. On this CPU (AVX-512 bf16) a bf16 dot that returns fp32 runs ~2x faster
+than an fp32 one, while a dot that returns bf16 runs slower than fp32 (bench/README.md).
 Parameter names, initializers and the order of `make_rng` calls follow transformers' modules so that
 `init` gives the same values and dropout draws the same masks (checked in tests/test_bench_smoke.py).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -31,6 +39,41 @@ _ACTIVATIONS = {
     "swish": nn.silu,
     "tanh": jnp.tanh,
 }
+
+
+def _mm(x: jax.Array, w: jax.Array, dtype: Any) -> jax.Array:
+    """x @ w with both operands in the compute dtype, accumulated and returned in fp32. w is [K, N] (a dense
+    kernel) or batched like x (attention). Below fp32 the backward matmuls run in the compute dtype too."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+    return _mm_lowp(x, w, (jnp.dtype(dtype), x.dtype, w.dtype))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _mm_lowp(x, w, dtypes):
+    return jnp.matmul(x.astype(dtypes[0]), w.astype(dtypes[0]), preferred_element_type=jnp.float32)
+
+
+def _mm_lowp_fwd(x, w, dtypes):
+    xl, wl = x.astype(dtypes[0]), w.astype(dtypes[0])
+    return jnp.matmul(xl, wl, preferred_element_type=jnp.float32), (xl, wl)
+
+
+def _mm_lowp_bwd(dtypes, res, g):
+    # JAX's own transpose of a bf16 x bf16 -> fp32 dot multiplies the fp32 cotangent by the bf16 operand in
+    # fp32, so the backward pass (two thirds of the step's matmuls) would gain nothing; torch's autocast also
+    # runs these in bf16. The gradients come back fp32-accumulated, in the operands' own dtypes.
+    (xl, wl), gl = res, g.astype(dtypes[0])
+    dx = jnp.matmul(gl, jnp.swapaxes(wl, -1, -2), preferred_element_type=jnp.float32)
+    if wl.ndim == 2:  # dense kernel: sum over every leading dimension of x
+        dw = jnp.matmul(xl.reshape(-1, xl.shape[-1]).T, gl.reshape(-1, gl.shape[-1]),
+                        preferred_element_type=jnp.float32)
+    else:
+        dw = jnp.matmul(jnp.swapaxes(xl, -1, -2), gl, preferred_element_type=jnp.float32)
+    return dx.astype(dtypes[1]), dw.astype(dtypes[2])
+
+
+_mm_lowp.defvjp(_mm_lowp_fwd, _mm_lowp_bwd)
 
 
 def _normal(spec: BertSpec):
@@ -57,12 +100,10 @@ class Embeddings(nn.Module):
 
     def setup(self):
         s = self.spec
-        self.word_embeddings = nn.Embed(s.vocab_size, s.hidden_size, embedding_init=_normal(s), dtype=self.dtype)
-        self.position_embeddings = nn.Embed(s.max_position_embeddings, s.hidden_size, embedding_init=_normal(s),
-                                            dtype=self.dtype)
-        self.token_type_embeddings = nn.Embed(s.type_vocab_size, s.hidden_size, embedding_init=_normal(s),
-                                              dtype=self.dtype)
-        self.LayerNorm = nn.LayerNorm(epsilon=s.layer_norm_eps, dtype=self.dtype)
+        self.word_embeddings = nn.Embed(s.vocab_size, s.hidden_size, embedding_init=_normal(s))
+        self.position_embeddings = nn.Embed(s.max_position_embeddings, s.hidden_size, embedding_init=_normal(s))
+        self.token_type_embeddings = nn.Embed(s.type_vocab_size, s.hidden_size, embedding_init=_normal(s))
+        self.LayerNorm = nn.LayerNorm(epsilon=s.layer_norm_eps, dtype=jnp.float32)
         self.dropout = nn.Dropout(rate=s.hidden_dropout_prob)
 
     def __call__(self, input_ids, token_type_ids, position_ids, deterministic: bool = True):
@@ -83,43 +124,72 @@ class SelfAttention(nn.Module):
         self.key = _DenseParams(d, d, _normal(self.spec))
         self.value = _DenseParams(d, d, _normal(self.spec))
 
-    def __call__(self, x_BxLxD, bias_Bx1x1xL, deterministic: bool = True):
+    def __call__(self, x_BxLxD, bias_Bx1x1xL, deterministic: bool = True, cls_only: bool = False):
         s = self.spec
         b, n, d = x_BxLxD.shape
         h = s.num_attention_heads
         dh = d // h
         (wq, bq), (wk, bk), (wv, bv) = self.query(), self.key(), self.value()
-        w = jnp.concatenate([wq, wk, wv], axis=1).astype(self.dtype)
-        bias = jnp.concatenate([bq, bk, bv]).astype(self.dtype)
-        qkv = jnp.dot(x_BxLxD.astype(self.dtype), w) + bias  # [B, L, 3D]
-        qkv_3xBxHxLxDh = qkv.reshape(b, n, 3, h, dh).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv_3xBxHxLxDh[0], qkv_3xBxHxLxDh[1], qkv_3xBxHxLxDh[2]
-        q = q / jnp.sqrt(dh).astype(self.dtype)  # scaled before the product, as flax's attention does
-        scores_BxHxLxL = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) + bias_Bx1x1xL.astype(self.dtype)
-        probs = jax.nn.softmax(scores_BxHxLxL).astype(self.dtype)
+        dt = self.dtype
+        if cls_only:  # only position 0 asks: one query row, keys and values for all positions
+            q = (_mm(x_BxLxD[:, :1], wq, dt) + bq).reshape(b, 1, h, dh).transpose(0, 2, 1, 3)
+            kv = _mm(x_BxLxD, jnp.concatenate([wk, wv], axis=1), dt) + jnp.concatenate([bk, bv])
+            kv_2xBxHxLxDh = kv.reshape(b, n, 2, h, dh).transpose(2, 0, 3, 1, 4)
+            k, v = kv_2xBxHxLxDh[0], kv_2xBxHxLxDh[1]
+        else:
+            qkv = _mm(x_BxLxD, jnp.concatenate([wq, wk, wv], axis=1), dt) + jnp.concatenate([bq, bk, bv])
+            qkv_3xBxHxLxDh = qkv.reshape(b, n, 3, h, dh).transpose(2, 0, 3, 1, 4)
+            q, k, v = qkv_3xBxHxLxDh[0], qkv_3xBxHxLxDh[1], qkv_3xBxHxLxDh[2]
+        q = q / jnp.sqrt(dh).astype(q.dtype)  # scaled before the product, as flax's attention does
+        scores_BxHxQxL = _mm(q, jnp.swapaxes(k, -1, -2), dt) + bias_Bx1x1xL
         rate = s.attention_probs_dropout_prob
-        if not deterministic and rate > 0.0:
-            # flax's dot_product_attention_weights(broadcast_dropout=True): one [L, L] mask for all rows/heads.
-            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, (1, 1, n, n))
-            probs = probs * (keep.astype(self.dtype) / jnp.asarray(1.0 - rate, self.dtype))
-        ctx_BxHxLxDh = jnp.matmul(probs, v)
-        return ctx_BxHxLxDh.transpose(0, 2, 1, 3).reshape(b, n, d)
+        if deterministic or rate == 0.0:
+            # softmax(s) @ v as (exp(s - max) @ v) / sum: XLA:CPU fuses the exponential into the second matmul
+            # instead of writing and re-reading the [B, H, L, L] probabilities (3x faster at 64 x 128).
+            e = jnp.exp(scores_BxHxQxL - jax.lax.stop_gradient(scores_BxHxQxL.max(-1, keepdims=True)))
+            ctx_BxHxQxDh = _mm(e, v, dt) / e.sum(-1, keepdims=True)
+        else:
+            probs = jax.nn.softmax(scores_BxHxQxL)
+            # flax's dot_product_attention_weights(broadcast_dropout=True): one [L, L] mask for all rows/heads;
+            # the cls_only path takes its first row, so both paths drop the same weights.
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, (1, 1, n, n))[:, :, :q.shape[2]]
+            probs = probs * (keep.astype(probs.dtype) / (1.0 - rate))
+            ctx_BxHxQxDh = _mm(probs, v, dt)
+        return ctx_BxHxQxDh.transpose(0, 2, 1, 3).reshape(b, q.shape[2], d)
+
+
+class _Dropout(nn.Module):
+    """nn.Dropout (same rng stream, same mask bits) that can keep only the first rows of a mask drawn for
+    `rows` positions: the cls_only layer drops exactly what the full layer drops at position 0."""
+
+    rate: float
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool, rows: int | None = None):
+        if deterministic or self.rate == 0.0:
+            return x
+        keep_prob = 1.0 - self.rate
+        shape = x.shape if rows is None else (x.shape[0], rows, *x.shape[2:])
+        keep = jax.random.bernoulli(self.make_rng("dropout"), p=keep_prob, shape=shape)[:, :x.shape[1]]
+        return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
 
 
 class _DenseDropoutNorm(nn.Module):
     """dense -> dropout -> LayerNorm(. + residual): FlaxBertSelfOutput and FlaxBertOutput."""
 
     spec: BertSpec
+    in_features: int
     dtype: Any = jnp.float32
 
     def setup(self):
         s = self.spec
-        self.dense = nn.Dense(s.hidden_size, kernel_init=_normal(s), dtype=self.dtype)
-        self.LayerNorm = nn.LayerNorm(epsilon=s.layer_norm_eps, dtype=self.dtype)
-        self.dropout = nn.Dropout(rate=s.hidden_dropout_prob)
+        self.dense = _DenseParams(s.hidden_size, self.in_features, _normal(s))
+        self.LayerNorm = nn.LayerNorm(epsilon=s.layer_norm_eps, dtype=jnp.float32)
+        self.dropout = _Dropout(rate=s.hidden_dropout_prob)
 
-    def __call__(self, x, residual, deterministic: bool = True):
-        return self.LayerNorm(self.dropout(self.dense(x), deterministic=deterministic) + residual)
+    def __call__(self, x, residual, deterministic: bool = True, rows: int | None = None):
+        w, bias = self.dense()
+        return self.LayerNorm(self.dropout(_mm(x, w, self.dtype) + bias, deterministic, rows) + residual)
 
 
 class Attention(nn.Module):
@@ -128,10 +198,12 @@ class Attention(nn.Module):
 
     def setup(self):
         self.self = SelfAttention(self.spec, dtype=self.dtype)
-        self.output = _DenseDropoutNorm(self.spec, dtype=self.dtype)
+        self.output = _DenseDropoutNorm(self.spec, self.spec.hidden_size, dtype=self.dtype)
 
-    def __call__(self, x, bias, deterministic: bool = True):
-        return self.output(self.self(x, bias, deterministic), x, deterministic)
+    def __call__(self, x, bias, deterministic: bool = True, cls_only: bool = False):
+        rows = x.shape[1] if cls_only else None
+        residual = x[:, :1] if cls_only else x
+        return self.output(self.self(x, bias, deterministic, cls_only), residual, deterministic, rows)
 
 
 class Intermediate(nn.Module):
@@ -139,10 +211,12 @@ class Intermediate(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self):
-        self.dense = nn.Dense(self.spec.intermediate_size, kernel_init=_normal(self.spec), dtype=self.dtype)
+        s = self.spec
+        self.dense = _DenseParams(s.intermediate_size, s.hidden_size, _normal(s))
 
     def __call__(self, x):
-        return _ACTIVATIONS[self.spec.hidden_act](self.dense(x))
+        w, bias = self.dense()
+        return _ACTIVATIONS[self.spec.hidden_act](_mm(x, w, self.dtype) + bias)
 
 
 class Layer(nn.Module):
@@ -152,11 +226,11 @@ class Layer(nn.Module):
     def setup(self):
         self.attention = Attention(self.spec, dtype=self.dtype)
         self.intermediate = Intermediate(self.spec, dtype=self.dtype)
-        self.output = _DenseDropoutNorm(self.spec, dtype=self.dtype)
+        self.output = _DenseDropoutNorm(self.spec, self.spec.intermediate_size, dtype=self.dtype)
 
-    def __call__(self, x, bias, deterministic: bool = True):
-        a = self.attention(x, bias, deterministic)
-        return self.output(self.intermediate(a), a, deterministic)
+    def __call__(self, x, bias, deterministic: bool = True, cls_only: bool = False):
+        a = self.attention(x, bias, deterministic, cls_only)
+        return self.output(self.intermediate(a), a, deterministic, x.shape[1] if cls_only else None)
 
 
 class _Layers(nn.Module):
@@ -165,12 +239,12 @@ class _Layers(nn.Module):
     remat: bool = False
 
     def setup(self):
-        cls = nn.remat(Layer, static_argnums=(3,)) if self.remat else Layer
+        cls = nn.remat(Layer, static_argnums=(3, 4)) if self.remat else Layer
         self.layers = [cls(self.spec, dtype=self.dtype, name=str(i)) for i in range(self.spec.num_hidden_layers)]
 
-    def __call__(self, x, bias, deterministic: bool = True):
-        for layer in self.layers:
-            x = layer(x, bias, deterministic)
+    def __call__(self, x, bias, deterministic: bool = True, cls_only: bool = False):
+        for i, layer in enumerate(self.layers):
+            x = layer(x, bias, deterministic, cls_only and i == len(self.layers) - 1)
         return x
 
 
@@ -182,12 +256,14 @@ class Encoder(nn.Module):
     def setup(self):
         self.layer = _Layers(self.spec, dtype=self.dtype, remat=self.remat)
 
-    def __call__(self, x, bias, deterministic: bool = True):
-        return self.layer(x, bias, deterministic)
+    def __call__(self, x, bias, deterministic: bool = True, cls_only: bool = False):
+        return self.layer(x, bias, deterministic, cls_only)
 
 
 class FastBertModule(nn.Module):
-    """FlaxBertModule(add_pooling_layer=False) with the same params; returns the final hidden states [B, L, D]."""
+    """FlaxBertModule(add_pooling_layer=False) with the same params; returns the final hidden states [B, L, D],
+    or with cls_only=True those of position 0 alone, [B, 1, D]: the last layer then computes the one query row
+    that [CLS] pooling reads (keys and values still cover every position), about 1/L of its work."""
 
     spec: BertSpec
     dtype: Any = jnp.float32
@@ -197,11 +273,12 @@ class FastBertModule(nn.Module):
         self.embeddings = Embeddings(self.spec, dtype=self.dtype)
         self.encoder = Encoder(self.spec, dtype=self.dtype, remat=self.remat)
 
-    def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True):
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True,
+                 cls_only: bool = False):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
         x = self.embeddings(input_ids, token_type_ids, position_ids, deterministic)
-        neg = jnp.finfo(self.dtype).min  # as FlaxBertSelfAttention's bias: 0 on tokens, dtype's min on padding
-        bias_Bx1x1xL = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, neg).astype(self.dtype)
-        return self.encoder(x, bias_Bx1x1xL, deterministic)
+        # As FlaxBertSelfAttention's bias: 0 on tokens, the dtype's min on padding (fp32: scores stay fp32).
+        bias_Bx1x1xL = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+        return self.encoder(x, bias_Bx1x1xL, deterministic, cls_only)

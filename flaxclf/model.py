@@ -99,9 +99,9 @@ class BertClassifier(nn.Module):
     config: ClassifierConfig
     dtype: Any = jnp.float32  # compute dtype; the parameters keep their own dtype
     remat: bool = False  # gradient checkpointing of each encoder layer
-    # "hf": transformers' FlaxBertModule (the design's backbone); "fast": flaxclf.fast_bert, the same params and
-    # math in a layout XLA runs faster (bench/README.md), opt-in.
-    impl: str = "hf"
+    # "fast": flaxclf.fast_bert, FlaxBertModule's params and math in a layout XLA runs faster (bench/README.md);
+    # "hf": transformers' FlaxBertModule itself. Both hold the same parameter tree, so weights move freely.
+    impl: str = "fast"
 
     def setup(self):
         if self.impl not in IMPLS:
@@ -120,13 +120,20 @@ class BertClassifier(nn.Module):
                                    bias_init=jax.nn.initializers.zeros)
 
     def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True):
-        hidden = self.encode(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
+        # [CLS] poolings read position 0 alone, so the fast backbone's last layer computes that row only.
+        cls_only = self.impl == "fast" and self.config.pooling in ("cls", "cls_pooler")
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
+                             cls_only=cls_only)
         return self.head(hidden, attention_mask, deterministic=deterministic)
 
-    def encode(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True):
-        """The backbone's final hidden states, [B, L, D]."""
+    def encode(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True,
+               cls_only: bool = False):
+        """The backbone's final hidden states, [B, L, D]; with cls_only (fast impl) position 0's alone, [B, 1, D]."""
         if self.impl == "fast":
-            return self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
+            return self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
+                             cls_only=cls_only)
+        if cls_only:
+            raise ValueError("cls_only needs impl='fast'; transformers' FlaxBertModule computes every position")
         out = self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic, return_dict=False)
         return out[0]
 

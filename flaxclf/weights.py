@@ -156,7 +156,7 @@ def merge(expected: dict[Path_, Any], loaded: dict[Path_, np.ndarray], fresh: di
 def from_pretrained(name_or_path: str, num_labels: int | None = None, *, label_names: tuple[str, ...] | None = None,
                     problem_type: str | None = None, pooling: str = "cls_pooler", classifier_dropout: Any = "hf",
                     dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, remat: bool = False,
-                    seed: int = 0, impl: str = "hf") -> tuple[BertClassifier, dict]:
+                    seed: int = 0, impl: str = "fast") -> tuple[BertClassifier, dict]:
     """(model, params) from a packaged name, a local HF folder or a hub id.
 
     The checkpoint's own num_labels / id2label / problem_type / classifier_dropout are the defaults."""

@@ -96,5 +96,9 @@ def test_table_collapses_silent_padding(loaded):
 def test_padding_follows_the_buckets(loaded):
     batch, tokens = inspect.encode_text(loaded, TEXT, pad_to=0)
     assert batch["attention_mask"].all() and "[PAD]" not in tokens
+    n = batch["input_ids"].shape[1]
+    assert loaded.buckets == [16, 24, 32, 40, 48, 64, 128] and n <= 16  # the default buckets; a short text
     batch, _ = inspect.encode_text(loaded, TEXT)  # default: the smallest training bucket that holds the text
-    assert batch["input_ids"].shape == (1, 32)
+    assert batch["input_ids"].shape == (1, 16)
+    batch, _ = inspect.encode_text(loaded, " ".join([TEXT] * 3))  # longer than 16 tokens, no more than 24
+    assert 16 < int(batch["attention_mask"].sum()) <= 24 and batch["input_ids"].shape == (1, 24)

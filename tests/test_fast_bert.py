@@ -1,0 +1,111 @@
+"""The fast encoder (flaxclf.fast_bert) against transformers' FlaxBertModule and against its own full computation:
+the same params, init values and dropout masks; the [CLS]-only last layer; bf16 mixed precision."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxclf.backbone import BertSpec
+from flaxclf.model import BertClassifier, ClassifierConfig, init_params
+
+SPEC = BertSpec(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                max_position_embeddings=64)
+
+
+def batch(b: int = 4, length: int = 16, seed: int = 0) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(seed)
+    mask = (np.arange(length)[None] < rng.integers(2, length + 1, b)[:, None]).astype(np.int32)
+    ids = np.where(mask, rng.integers(5, SPEC.vocab_size, (b, length)), 0).astype(np.int32)
+    return {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
+
+
+def loss_fn(model, b, train: bool):
+    rngs = {"dropout": jax.random.PRNGKey(5)} if train else None
+    return lambda p: model.apply(p, **b, deterministic=not train, rngs=rngs).sum()
+
+
+@pytest.mark.parametrize("pooling,remat,train", [("cls_pooler", False, True), ("cls_pooler", True, True),
+                                                 ("cls_pooler", False, False), ("mean", False, True),
+                                                 ("mean", False, False)])
+def test_fast_backbone_matches_hf_module(pooling, remat, train):
+    """cls_pooler runs fast's [CLS]-only last layer, mean its full one; eval runs the exp-matmul-divide
+    attention, train the softmax with dropout."""
+    cfg = ClassifierConfig(backbone=SPEC, num_labels=3, pooling=pooling)
+    fast, hf = BertClassifier(cfg, impl="fast", remat=remat), BertClassifier(cfg, impl="hf", remat=remat)
+    params = init_params(hf, jax.random.PRNGKey(0))
+    for a, b in zip(jax.tree.leaves(init_params(fast, jax.random.PRNGKey(0))), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)  # same tree, same initial values
+    b = batch()
+    # Dropout on: equal losses mean the same masks were drawn (a different mask moves the loss by far more).
+    np.testing.assert_allclose(loss_fn(fast, b, train)(params), loss_fn(hf, b, train)(params), rtol=0, atol=1e-6)
+    for g, h in zip(jax.tree.leaves(jax.grad(loss_fn(fast, b, train))(params)),
+                    jax.tree.leaves(jax.grad(loss_fn(hf, b, train))(params)), strict=True):
+        np.testing.assert_allclose(g, h, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_cls_only_last_layer_is_position_zero_of_the_full_one(train):
+    model = BertClassifier(ClassifierConfig(backbone=SPEC, num_labels=3), impl="fast")
+    params = init_params(model, jax.random.PRNGKey(0))
+    b = batch(length=24)
+    rngs = {"dropout": jax.random.PRNGKey(7)} if train else None
+
+    def encode(cls_only):
+        return model.apply(params, **b, deterministic=not train, cls_only=cls_only, rngs=rngs,
+                           method=BertClassifier.encode)
+    full, cls = encode(False), encode(True)
+    assert full.shape == (4, 24, SPEC.hidden_size) and cls.shape == (4, 1, SPEC.hidden_size)
+    np.testing.assert_allclose(cls, full[:, :1], rtol=0, atol=1e-6)
+
+
+def test_cls_only_skips_most_of_the_last_layer():
+    """XLA's own FLOP count: with 2 layers and 24 positions, the [CLS]-only last layer keeps its key/value
+    projections and 1/24 of the rest, so the encoder costs about 1 - (1/2)(10/12)(23/24) = 0.60 of the full."""
+    model = BertClassifier(ClassifierConfig(backbone=SPEC, num_labels=3), impl="fast")
+    params = init_params(model, jax.random.PRNGKey(0))
+    b = batch(length=24)
+
+    def flops(cls_only):
+        f = jax.jit(lambda p: model.apply(p, **b, cls_only=cls_only, method=BertClassifier.encode))
+        return f.lower(params).compile().cost_analysis()["flops"]
+    assert flops(True) < 0.7 * flops(False)
+
+
+def _dots(jaxpr) -> list:
+    """Every dot_general in a jaxpr, sub-jaxprs (jit, remat, custom_vjp) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn)
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else [v]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _dots(inner)
+    return found
+
+
+def test_bf16_runs_every_encoder_matmul_in_bf16_forward_and_backward():
+    cfg = ClassifierConfig(backbone=SPEC, num_labels=3)
+    f32, bf16 = BertClassifier(cfg, impl="fast"), BertClassifier(cfg, impl="fast", dtype=jnp.bfloat16)
+    params = init_params(f32, jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda x: x * 20 if x.ndim == 2 and x.shape[-1] == 3 else x, params)  # a live head
+    b = batch()
+    grad = jax.grad(loss_fn(bf16, b, train=True))
+    dots = _dots(jax.make_jaxpr(grad)(params).jaxpr)
+    # 2 layers x (qkv, scores, context, attention out, ffn in, ffn out) forward + 2 per matmul backward, and
+    # the pooler and classifier: every one takes bf16 operands.
+    assert len(dots) >= 3 * 6 * SPEC.num_hidden_layers
+    assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars), \
+        sorted({str([v.aval.dtype for v in e.invars]) for e in dots})
+    # Mixed precision, not bf16 everywhere: fp32 params and gradients, logits and gradients within bf16
+    # rounding (8-bit mantissa, relative step 2^-8 = 0.4%) of the fp32 model over two layers.
+    g16, g32 = grad(params), jax.grad(loss_fn(f32, b, train=True))(params)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(g16))
+    num = sum(float(jnp.sum((a - c) ** 2)) for a, c in zip(jax.tree.leaves(g16), jax.tree.leaves(g32), strict=True))
+    den = sum(float(jnp.sum(c ** 2)) for c in jax.tree.leaves(g32))
+    assert (num / den) ** 0.5 < 2e-2
+    logits16 = bf16.apply(params, **b)
+    assert logits16.dtype == jnp.float32
+    np.testing.assert_allclose(logits16, f32.apply(params, **b), rtol=0, atol=5e-2)
