@@ -35,7 +35,8 @@ def _one_epoch(split: data.TokenizedSplit, cfg: DataConfig, global_batch_size: i
 
 
 def pipeline_examples_per_s(global_batch_size: int = 32, max_length: int = 128,
-                            buckets: tuple[int, ...] = (32, 64, 128), repeats: int = 3) -> dict[str, float]:
+                            buckets: tuple[int, ...] = tuple(DataConfig().buckets),
+                            repeats: int = 3) -> dict[str, float]:
     """Training examples/s of the input pipeline, best of `repeats`:
     cold = (load with an empty cache + one epoch) ; cached = (load from the cache + one epoch) ;
     iterator = one epoch of batches from tokenized data (what the train step competes with)."""

@@ -1,8 +1,8 @@
 """How many times the training loop's jitted step compiles over one real epoch, and how long each compile takes.
 
-A real epoch: rt-snippets-4way tokenized by MiniLM's tokenizer, data.buckets at the default [32, 64, 128]
-(max_length 128), global batch 32, flaxclf.data.TrainBatches on a 1-device mesh, the step from
-flaxclf.steps.compile_steps. The count comes from two independent sources that must agree: jax's
+A real epoch: rt-snippets-4way tokenized by MiniLM's tokenizer, data.buckets at the default
+([16, 24, 32, 40, 48, 64, 128], max_length 128), global batch 32, flaxclf.data.TrainBatches on a 1-device mesh,
+the step from flaxclf.steps.compile_steps. The count comes from two independent sources that must agree: jax's
 backend-compile events (jax.monitoring, each with its duration) and the jitted step's own cache size. The goal:
 compilations == the number of distinct bucket lengths the epoch used.
 
@@ -47,8 +47,8 @@ def _model(name: str, num_labels: int, vocab: int) -> tuple[BertClassifier, dict
     return from_pretrained(name, num_labels=num_labels, problem_type=SINGLE)
 
 
-def count_epoch(model_name: str = "tiny", buckets: tuple[int, ...] = (32, 64, 128), max_length: int = 128,
-                global_batch: int = 32, max_steps: int | None = None) -> dict:
+def count_epoch(model_name: str = "tiny", buckets: tuple[int, ...] = tuple(DataConfig().buckets),
+                max_length: int = 128, global_batch: int = 32, max_steps: int | None = None) -> dict:
     """Runs one epoch (or max_steps) and returns the counts, the bucket lengths used and the compile times."""
     jax.monitoring.register_event_duration_secs_listener(_listener)
     model_dir = assets.resolve_model("minilm-l6")

@@ -142,7 +142,7 @@ def main() -> None:
         results.append(ratio)
     else:
         fn = torch_reference if a.only == "torch" else flaxclf_run
-        results = [fn(a.config, a.overrides)]
+        results = [{**fn(a.config, a.overrides), "overrides": a.overrides}]
         print(json.dumps(results[0]), flush=True)
     if a.out:
         with open(a.out, "a") as fh:

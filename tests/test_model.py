@@ -16,9 +16,10 @@ from flaxclf.weights import from_pretrained
 from tests.torch_ref import TINY, batch, saved_torch_classifier, torch_logits
 
 
-def test_parity_small_random_config(tmp_path):
+@pytest.mark.parametrize("impl", ["fast", "hf"])
+def test_parity_small_random_config(tmp_path, impl):
     ref = saved_torch_classifier(tmp_path)
-    model, params = from_pretrained(str(tmp_path))
+    model, params = from_pretrained(str(tmp_path), impl=impl)
     b = batch(TINY["vocab_size"])
     got = np.asarray(model.apply(params, **{k: jnp.asarray(v) for k, v in b.items()}))
     want, _ = torch_logits(ref, b)
@@ -26,12 +27,13 @@ def test_parity_small_random_config(tmp_path):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
-def test_parity_real_minilm_with_padding_and_segments(minilm_dir, tmp_path):
+@pytest.mark.parametrize("impl", ["fast", "hf"])
+def test_parity_real_minilm_with_padding_and_segments(minilm_dir, tmp_path, impl):
     ref = transformers.BertForSequenceClassification.from_pretrained(minilm_dir, num_labels=4).eval()
     with torch.no_grad():
         ref.classifier.weight.normal_(0, 0.5)
     ref.save_pretrained(tmp_path)
-    model, params = from_pretrained(str(tmp_path))
+    model, params = from_pretrained(str(tmp_path), impl=impl)
     b = batch(30522, b=4, length=24, seed=1)
     got = np.asarray(model.apply(params, **{k: jnp.asarray(v) for k, v in b.items()}))
     want, _ = torch_logits(ref, b)
