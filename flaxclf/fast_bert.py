@@ -14,9 +14,9 @@ Same math as FlaxBertModule, in fp32 to the last bit of the dropout masks; what 
 `dtype` is the matmul input dtype. fp32 (the default) is exact. bf16 is mixed precision, as torch's autocast:
 matmul inputs in bf16 with fp32 accumulation and an fp32 result; embeddings, LayerNorm, GELU, softmax, dropout
 and the residual stream stay fp32. On this CPU (AVX-512 bf16) a bf16 dot that returns fp32 runs ~2x faster
-than an fp32 one, while a dot that returns bf16 runs slower than fp32 (bench/README.md).
+than an fp32 one, while a dot that returns bf16 runs no faster than fp32 (bench/README.md).
 Parameter names, initializers and the order of `make_rng` calls follow transformers' modules so that
-`init` gives the same values and dropout draws the same masks (checked in tests/test_bench_smoke.py).
+`init` gives the same values and dropout draws the same masks (checked in tests/test_fast_bert.py).
 """
 
 from __future__ import annotations
@@ -98,8 +98,9 @@ class _DenseParams(nn.Module):
 
 
 class Embeddings(nn.Module):
+    """Word + token-type + position embeddings, LayerNorm, dropout; always fp32 (a gather, no matmul)."""
+
     spec: BertSpec
-    dtype: Any = jnp.float32
 
     def setup(self):
         s = self.spec
@@ -273,7 +274,7 @@ class FastBertModule(nn.Module):
     remat: bool = False  # gradient checkpointing of each layer
 
     def setup(self):
-        self.embeddings = Embeddings(self.spec, dtype=self.dtype)
+        self.embeddings = Embeddings(self.spec)
         self.encoder = Encoder(self.spec, dtype=self.dtype, remat=self.remat)
 
     def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True,
