@@ -14,6 +14,7 @@ from flaxclf.fast_bert import FastBertModule
 
 Pooling = Literal["cls_pooler", "cls", "mean", "max"]
 POOLINGS: tuple[str, ...] = ("cls_pooler", "cls", "mean", "max")
+CLS_POOLINGS: tuple[str, ...] = ("cls_pooler", "cls")  # the ones that read position 0 alone
 SINGLE, MULTI, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
 PROBLEM_TYPES: tuple[str, ...] = (SINGLE, MULTI, REGRESSION)
 IMPLS: tuple[str, ...] = ("fast", "hf")
@@ -81,7 +82,7 @@ class ClassifierConfig:
 
 def pool(hidden_BxLxD: jax.Array, mask_BxL: jax.Array, pooling: str) -> jax.Array:
     """The vector each strategy hands on: position 0, or the masked mean / max over real tokens."""
-    if pooling in ("cls", "cls_pooler"):
+    if pooling in CLS_POOLINGS:
         return hidden_BxLxD[:, 0]
     m = mask_BxL[..., None].astype(jnp.float32)
     h = hidden_BxLxD.astype(jnp.float32)
@@ -121,7 +122,7 @@ class BertClassifier(nn.Module):
 
     def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True):
         # [CLS] poolings read position 0 alone, so the fast backbone's last layer computes that row only.
-        cls_only = self.impl == "fast" and self.config.pooling in ("cls", "cls_pooler")
+        cls_only = self.impl == "fast" and self.config.pooling in CLS_POOLINGS
         hidden = self.encode(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
                              cls_only=cls_only)
         return self.head(hidden, attention_mask, deterministic=deterministic)
