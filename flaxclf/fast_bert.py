@@ -2,11 +2,12 @@
 (add_pooling_layer=False), laid out for speed on XLA.
 
 Same math as FlaxBertModule, in fp32 to the last bit of the dropout masks; what differs is the layout:
-  * query, key and value are one matmul against the three kernels concatenated at apply time ([D, 3D]), so the
-    activations are read once instead of three times (the parameters keep their three HF names);
-  * heads are moved ahead of the sequence once ([B, L, 3, H, Dh] -> [3, B, H, L, Dh]), so both attention
-    matmuls are plain batched GEMMs over B*H contiguous [L, Dh] blocks; FlaxBertSelfAttention's einsums
-    ('...qhd,...khd->...hqk') make XLA:CPU copy operands into that layout inside every dot, forward and backward;
+  * each of query, key and value moves its heads ahead of the sequence once, right after its projection
+    ([B, L, H, Dh] -> [B, H, L, Dh]), so both attention matmuls are plain batched GEMMs over B*H contiguous
+    [L, Dh] blocks; FlaxBertSelfAttention's einsums ('...qhd,...khd->...hqk') make XLA:CPU copy operands into
+    that layout inside every dot, forward and backward. (One matmul against the three kernels concatenated,
+    then one [B, L, 3, H, Dh] -> [3, B, H, L, Dh] transpose, made the backward pass copy the stacked gradient
+    twice: the MiniLM train step was ~4% slower that way);
   * the padding bias [B, 1, 1, L] is built once per forward pass instead of once per layer;
   * softmax(s) @ v is computed as (exp(s - max) @ v) / sum (with dropout: (exp(s - max) * mask) @ v / (sum *
     keep_prob)), which XLA:CPU fuses into the second matmul instead of writing and re-reading the [B, H, L, L]
@@ -149,15 +150,14 @@ class SelfAttention(nn.Module):
         dh = d // h
         (wq, bq), (wk, bk), (wv, bv) = self.query(), self.key(), self.value()
         dt = self.dtype
-        if cls_only:  # only position 0 asks: one query row, keys and values for all positions
-            q = (_mm(x_BxLxD[:, :1], wq, dt) + bq).reshape(b, 1, h, dh).transpose(0, 2, 1, 3)
-            kv = _mm(x_BxLxD, jnp.concatenate([wk, wv], axis=1), dt) + jnp.concatenate([bk, bv])
-            kv_2xBxHxLxDh = kv.reshape(b, n, 2, h, dh).transpose(2, 0, 3, 1, 4)
-            k, v = kv_2xBxHxLxDh[0], kv_2xBxHxLxDh[1]
-        else:
-            qkv = _mm(x_BxLxD, jnp.concatenate([wq, wk, wv], axis=1), dt) + jnp.concatenate([bq, bk, bv])
-            qkv_3xBxHxLxDh = qkv.reshape(b, n, 3, h, dh).transpose(2, 0, 3, 1, 4)
-            q, k, v = qkv_3xBxHxLxDh[0], qkv_3xBxHxLxDh[1], qkv_3xBxHxLxDh[2]
+
+        def heads(rows_BxRxD, w, bias):  # [B, R, D] -> [B, H, R, Dh]: heads ahead of the sequence, once
+            r = rows_BxRxD.shape[1]
+            return (_mm(rows_BxRxD, w, dt) + bias).reshape(b, r, h, dh).transpose(0, 2, 1, 3)
+
+        # cls_only: only position 0 asks, so one query row against keys and values for all positions.
+        q = heads(x_BxLxD[:, :1] if cls_only else x_BxLxD, wq, bq)
+        k, v = heads(x_BxLxD, wk, bk), heads(x_BxLxD, wv, bv)
         q = q / jnp.sqrt(dh).astype(q.dtype)  # scaled before the product, as flax's attention does
         scores_BxHxQxL = _mm(q, jnp.swapaxes(k, -1, -2), dt) + bias_Bx1x1xL
         rate = s.attention_probs_dropout_prob
