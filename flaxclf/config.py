@@ -28,7 +28,7 @@ class ModelConfig:
     # None: use the backbone's hidden_dropout_prob, as BertForSequenceClassification does.
     classifier_dropout: float | None = None
     # Compute dtype. With impl=fast, bfloat16 is mixed precision (matmul inputs bf16, fp32 accumulation, the rest
-    # fp32; at 128 tokens 1.3x faster train steps and 1.7x faster inference on a CPU with AVX-512 bf16:
+    # fp32; at 128 tokens 1.3x faster train steps and 1.5x faster inference on a CPU with AVX-512 bf16:
     # bench/README.md); with impl=hf every op runs in it.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of the parameters
