@@ -94,7 +94,8 @@ def test_bf16_runs_every_encoder_matmul_in_bf16_forward_and_backward():
     b = batch()
     grad = jax.grad(loss_fn(bf16, b, train=True))
     dots = _dots(jax.make_jaxpr(grad)(params).jaxpr)
-    # 2 layers x (qkv, scores, context, attention out, ffn in, ffn out) forward + 2 per matmul backward, and
+    # 2 layers x (query, key, value, scores, context, attention out, ffn in, ffn out) forward (at least six of
+    # them in any layout) + 2 per matmul backward, and
     # the pooler and classifier: every one takes bf16 operands.
     assert len(dots) >= 3 * 6 * SPEC.num_hidden_layers
     assert all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars), \
