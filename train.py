@@ -5,7 +5,7 @@ Intentionally thin: the logic lives in flaxclf (flaxclf.cli, flaxclf.train). Equ
 
 import sys
 
-from flaxclf.cli import main
+from flaxclf.cli import console
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(console(["train", *sys.argv[1:]]))

@@ -8,7 +8,8 @@ padding (each batch padded to its own longest row), as Trainer + DataCollatorWit
 
     .venv/bin/python bench/finetune_vs_torch.py            # both, then the ratio of wall times
     .venv/bin/python bench/finetune_vs_torch.py --only torch
-Both use the machine's cores as they come (torch: torch.get_num_threads()). Prints one JSON line per system.
+Both use the machine's cores as they come (torch: torch.get_num_threads()), and both processes run with
+flaxclf.hostmem.keep_freed_memory(), as the `flaxclf` command does. Prints one JSON line per system.
 """
 
 from __future__ import annotations
@@ -141,6 +142,9 @@ def main() -> None:
         print(json.dumps(ratio))
         results.append(ratio)
     else:
+        from flaxclf.hostmem import keep_freed_memory
+
+        keep_freed_memory()
         fn = torch_reference if a.only == "torch" else flaxclf_run
         results = [{**fn(a.config, a.overrides), "overrides": a.overrides}]
         print(json.dumps(results[0]), flush=True)

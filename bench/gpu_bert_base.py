@@ -152,7 +152,7 @@ def main() -> None:
         step, k = make(s, spec, params, b, a.length, device)
         fns[s] = step
         keep.append(k)
-    times = svt.interleaved(fns, a.reps)
+    times, _ = svt.interleaved(fns, a.reps)
     out = {}
     for s, ts in times.items():
         ex_s = batches[s] / sorted(ts)[len(ts) // 2]

@@ -9,7 +9,8 @@ LayerNorm), clip_grad_norm_(1.0), dropout on. Both use every core (XLA's pool; t
 Timing: `--reps` rounds; each round times one call of every system in turn (so drifting load from other
 processes hits all of them alike), after a warm-up call each. Figures are medians of examples/s over rounds,
 and each ratio is the median of the per-round ratios against torch. Only the ratios mean anything on a shared
-machine.
+machine. The process runs with flaxclf.hostmem.keep_freed_memory(), as the `flaxclf` command and train.py do,
+and so do torch's calls in it: without it each flaxclf step page-faulted its 1.5 GB of temporaries afresh.
 
     .venv/bin/python bench/step_vs_torch.py                      # train 32x128 and infer 64x128, fp32
     .venv/bin/python bench/step_vs_torch.py --what infer --reps 15
@@ -29,12 +30,19 @@ import collections
 import glob
 import json
 import os
+import resource
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 
 os.environ["USE_TORCH"] = "1"  # transformers' torch model is the reference
+
+from flaxclf.hostmem import keep_freed_memory  # noqa: E402
+
+# As the flaxclf command does, before any computation; torch shares the process and so the setting (it had
+# ~70k page faults a step without it, and none with it).
+keep_freed_memory()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -150,29 +158,36 @@ def build(systems: list[str], what: list[str], batch: int, length: int, infer_ba
 
 
 def interleaved(fns: dict[str, Callable[[], None]], reps: int, warmup: int = 2,
-                pause: float = 0.0) -> dict[str, list[float]]:
-    """Seconds per call of every function, one call of each per round. `pause` seconds of sleep before each
-    call let the previous system's worker threads (XLA's pool, torch's OpenMP team) stop spinning first: on 2
-    cores a spinning pool steals the next system's cores."""
+                pause: float = 0.0) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Seconds per call of every function, one call of each per round, and the page faults (minor, the
+    process's) during each call. `pause` seconds of sleep before each call let the previous system's worker
+    threads (XLA's pool, torch's OpenMP team) stop spinning first: on 2 cores a spinning pool steals the next
+    system's cores."""
     for f in fns.values():
         for _ in range(warmup):
             f()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    faults: dict[str, list[int]] = {k: [] for k in fns}
     for _ in range(reps):
         for name, f in fns.items():
             time.sleep(pause)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             f()
             times[name].append(time.perf_counter() - start)
-    return times
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return times, faults
 
 
-def summarize(times: dict[str, list[float]], examples: int, reference: str = "torch") -> dict[str, dict]:
-    """Median examples/s per system and the median per-round ratio to the reference."""
+def summarize(times: dict[str, list[float]], examples: int, faults: dict[str, list[int]] | None = None,
+              reference: str = "torch") -> dict[str, dict]:
+    """Median examples/s per system, the median per-round ratio to the reference, median page faults a call."""
     out = {}
     for name, ts in times.items():
         row = {"examples_per_s": round(examples / statistics.median(ts), 2), "median_ms": round(
             1e3 * statistics.median(ts), 1), "reps": len(ts)}
+        if faults:
+            row["page_faults"] = int(statistics.median(faults[name]))
         if reference in times and name != reference:
             paired = [r / t for r, t in zip(times[reference], ts, strict=True)]
             row[f"x_{reference}"] = round(statistics.median(paired), 3)
@@ -259,7 +274,8 @@ def main() -> None:
                     for op, ms, share in rows:
                         print(f"{ms:9.2f} ms {100 * share:5.1f}%  {op}")
             continue
-        res = summarize(interleaved(fns[w], a.reps, pause=a.pause), examples)
+        times, faults = interleaved(fns[w], a.reps, pause=a.pause)
+        res = summarize(times, examples, faults)
         print(json.dumps({"what": w, "batch": examples, "length": a.length, "results": res}))
 
 

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from flaxclf.config import ConfigError
+from flaxclf.hostmem import keep_freed_memory
 
 DEFAULT_TEXT = "a gripping, funny and moving film"
 _MODEL_HELP = ("a run directory (made by `flaxclf train`), a Hugging Face model folder, or a packaged model name "
@@ -351,5 +352,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def console(argv: list[str] | None = None) -> int:
+    """The `flaxclf` command and train.py: main() in a process whose malloc keeps what XLA frees, so that steps
+    after the first page-fault nothing (flaxclf.hostmem; set FLAXCLF_KEEP_FREED_MEMORY=0 to leave it as it is).
+    Called before any computation, as it must be; main() alone (tests, embedding) leaves malloc alone."""
+    keep_freed_memory()
+    return main(argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())
