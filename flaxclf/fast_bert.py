@@ -13,7 +13,8 @@ Same math as FlaxBertModule, in fp32 to the last bit of the dropout masks; what 
     keep_prob)), which XLA:CPU fuses into the second matmul instead of writing and re-reading the [B, H, L, L]
     probabilities;
   * the exact GELU uses torch's erf formula behind a select that keeps it out of the next matmul's fusion;
-  * with cls_only=True (the classifier's [CLS] poolings) the last layer computes position 0 alone.
+  * with cls_only=True (the classifier's [CLS] poolings) the last layer computes position 0 alone, and
+    attends from it without projecting keys or values (SelfAttention._cls_attention).
 `dtype` is the matmul input dtype. fp32 (the default) is exact. bf16 is mixed precision, as torch's autocast:
 matmul inputs in bf16 with fp32 accumulation and an fp32 result; embeddings, LayerNorm, GELU, softmax, dropout
 and the residual stream stay fp32. On this CPU (AVX-512 bf16) a bf16 dot that returns fp32 runs ~2x faster
@@ -133,7 +134,7 @@ class Embeddings(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Fused-QKV, heads-major attention; params attention/self/{query,key,value}/{kernel,bias}."""
+    """Heads-major attention; params attention/self/{query,key,value}/{kernel,bias}."""
 
     spec: BertSpec
     dtype: Any = jnp.float32
@@ -156,24 +157,54 @@ class SelfAttention(nn.Module):
             r = rows_BxRxD.shape[1]
             return (_mm(rows_BxRxD, w, dt) + bias).reshape(b, r, h, dh).transpose(0, 2, 1, 3)
 
-        # cls_only: only position 0 asks, so one query row against keys and values for all positions.
         q = heads(x_BxLxD[:, :1] if cls_only else x_BxLxD, wq, bq)
-        k, v = heads(x_BxLxD, wk, bk), heads(x_BxLxD, wv, bv)
         q = q / jnp.sqrt(dh).astype(q.dtype)  # scaled before the product, as flax's attention does
-        scores_BxHxQxL = _mm(q, jnp.swapaxes(k, -1, -2), dt) + bias_Bx1x1xL
         rate = s.attention_probs_dropout_prob
+        keep = None
+        if not deterministic and rate > 0.0:
+            # flax's dot_product_attention_weights(broadcast_dropout=True): one [L, L] mask for all rows/heads;
+            # the cls_only path takes its first row, so both paths drop the same weights.
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, (1, 1, n, n))[:, :, :q.shape[2]]
+        if cls_only:
+            return self._cls_attention(x_BxLxD, q[:, :, 0], bias_Bx1x1xL[:, :, 0], keep, (wk, bk), (wv, bv))
+        k, v = heads(x_BxLxD, wk, bk), heads(x_BxLxD, wv, bv)
+        scores_BxHxQxL = _mm(q, jnp.swapaxes(k, -1, -2), dt) + bias_Bx1x1xL
         # softmax(s) @ v as (exp(s - max) @ v) / sum: XLA:CPU fuses the exponential (and the dropout mask) into
         # the second matmul instead of writing and re-reading the [B, H, L, L] probabilities (3x faster at
         # 64 x 128 in inference, ~3% off the MiniLM train step).
         e = jnp.exp(scores_BxHxQxL - jax.lax.stop_gradient(scores_BxHxQxL.max(-1, keepdims=True)))
-        if deterministic or rate == 0.0:
+        if keep is None:
             ctx_BxHxQxDh = _mm(e, v, dt) / e.sum(-1, keepdims=True)
         else:
-            # flax's dot_product_attention_weights(broadcast_dropout=True): one [L, L] mask for all rows/heads;
-            # the cls_only path takes its first row, so both paths drop the same weights.
-            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, (1, 1, n, n))[:, :, :q.shape[2]]
             ctx_BxHxQxDh = _mm(e * keep.astype(e.dtype), v, dt) / (e.sum(-1, keepdims=True) * (1.0 - rate))
-        return ctx_BxHxQxDh.transpose(0, 2, 1, 3).reshape(b, q.shape[2], d)
+        return ctx_BxHxQxDh.transpose(0, 2, 1, 3).reshape(b, n, d)
+
+    def _cls_attention(self, x_BxLxD, q_BxHxDh, bias_Bx1xL, keep, key, value):
+        """Attention of the [CLS] query alone, without projecting a key or a value: the same sums regrouped.
+        Its score against position j is q . (x_j Wk + bk) = (Wk q) . x_j + q . bk, and its output
+        sum_j p_j (x_j Wv + bv) = (sum_j p_j x_j) Wv + (sum_j p_j) bv, per head. So the query goes through Wk
+        (B*H*D*Dh multiply-adds) instead of every position (B*L*D*D), and the weights mix x before Wv; for
+        MiniLM at length 128 the last layer's two [L, D] x [D, D] projections (3% of the model's FLOPs) go.
+        Returns [B, 1, D]."""
+        s, dt = self.spec, self.dtype
+        b, n, d = x_BxLxD.shape
+        h = s.num_attention_heads
+        dh = d // h
+        (wk, bk), (wv, bv) = key, value
+        wk_HxDhxD = wk.reshape(d, h, dh).transpose(1, 2, 0)
+        qk_BxHxD = _mm(q_BxHxDh.transpose(1, 0, 2), wk_HxDhxD, dt).transpose(1, 0, 2)
+        qb_BxHx1 = jnp.sum(q_BxHxDh * bk.reshape(h, dh), -1, keepdims=True)
+        scores_BxHxL = _mm(qk_BxHxD, jnp.swapaxes(x_BxLxD, -1, -2), dt) + qb_BxHx1 + bias_Bx1xL
+        e = jnp.exp(scores_BxHxL - jax.lax.stop_gradient(scores_BxHxL.max(-1, keepdims=True)))
+        total = e.sum(-1, keepdims=True)
+        if keep is not None:
+            e = e * keep[:, :, 0].astype(e.dtype)
+            total = total * (1.0 - s.attention_probs_dropout_prob)
+        mixed_HxBxD = _mm(e, x_BxLxD, dt).transpose(1, 0, 2)  # sum_j e_j x_j per head
+        ctx_HxBxDh = _mm(mixed_HxBxD, wv.reshape(d, h, dh).transpose(1, 0, 2), dt)
+        # + (sum_j e_j) bv, then divided by the softmax's sum (times keep_prob with dropout)
+        ctx_BxHxDh = (ctx_HxBxDh.transpose(1, 0, 2) + e.sum(-1, keepdims=True) * bv.reshape(h, dh)) / total
+        return ctx_BxHxDh.reshape(b, 1, d)
 
 
 class _Dropout(nn.Module):
@@ -281,7 +312,8 @@ class Encoder(nn.Module):
 class FastBertModule(nn.Module):
     """FlaxBertModule(add_pooling_layer=False) with the same params; returns the final hidden states [B, L, D],
     or with cls_only=True those of position 0 alone, [B, 1, D]: the last layer then computes the one query row
-    that [CLS] pooling reads (keys and values still cover every position), about 1/L of its work."""
+    that [CLS] pooling reads, and attends over every position without projecting their keys and values: about
+    1/L of its work."""
 
     spec: BertSpec
     dtype: Any = jnp.float32

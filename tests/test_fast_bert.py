@@ -60,8 +60,10 @@ def test_cls_only_last_layer_is_position_zero_of_the_full_one(train):
 
 
 def test_cls_only_skips_most_of_the_last_layer():
-    """XLA's own FLOP count: with 2 layers and 24 positions, the [CLS]-only last layer keeps its key/value
-    projections and 1/24 of the rest, so the encoder costs about 1 - (1/2)(10/12)(23/24) = 0.60 of the full."""
+    """XLA's own FLOP count: with 2 layers and 24 positions, the [CLS]-only last layer keeps 1/24 of its
+    matmuls (no key or value projections: the query goes through the key kernel instead), so the encoder's
+    matmuls cost about 1 - (1/2)(23/24) = 0.52 of the full; XLA counts 0.60 with the elementwise work (0.67 while
+    the layer still projected keys and values)."""
     model = BertClassifier(ClassifierConfig(backbone=SPEC, num_labels=3), impl="fast")
     params = init_params(model, jax.random.PRNGKey(0))
     b = batch(length=24)
@@ -69,7 +71,7 @@ def test_cls_only_skips_most_of_the_last_layer():
     def flops(cls_only):
         f = jax.jit(lambda p: model.apply(p, **b, cls_only=cls_only, method=BertClassifier.encode))
         return f.lower(params).compile().cost_analysis()["flops"]
-    assert flops(True) < 0.7 * flops(False)
+    assert flops(True) < 0.62 * flops(False)
 
 
 def _dots(jaxpr) -> list:
