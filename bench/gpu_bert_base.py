@@ -14,8 +14,9 @@ out-of-memory error) is kept, separately for each system. Then both are timed at
 MFU = examples/s x FLOP per example / peak. FLOP per example (NOTES.md): 6 x 85.6M non-embedding params x 128
 tokens + attention = 67.6 GFLOP per sequence of 128 (forward + backward); in general
 6 * N_nonemb * L + 12 * layers * L^2 * hidden. Peak: --peak-tflops, default 989 (H100 SXM / H200, dense bf16).
-The formula is the full model's for both systems; flaxclf's [CLS]-only last layer does ~7% less of it on
-BERT-base (1/12 of the layers x 10/12 of a layer's dense work), so its MFU counts model FLOPs, not executed ones.
+The formula is the full model's for both systems; flaxclf's [CLS]-only last layer does ~8% less of it on
+BERT-base (nearly all of one layer in 12: it projects no keys or values and computes position 0 alone), so its
+MFU counts model FLOPs, not executed ones.
 flaxclf's bf16 is fast_bert's mixed precision (bf16 matmuls with fp32 accumulation, fp32 elementwise), as
 autocast.
 
