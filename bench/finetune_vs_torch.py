@@ -40,7 +40,7 @@ def _rows(split):
 
 
 def torch_reference(config: str, overrides: list[str]) -> dict:
-    os.environ["USE_TORCH"] = "1"
+    """PyTorch's fine-tune; the process must have USE_TORCH=1 set before flaxclf was first imported (main())."""
     import numpy as np
     import torch
     import transformers
@@ -133,7 +133,8 @@ def main() -> None:
         results = []
         for which in ("flaxclf", "torch"):
             cmd = [sys.executable, __file__, "--only", which, "--config", a.config, *a.overrides]
-            line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+            # stderr passes through, so that a failing system shows why
+            line = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
             print(line, flush=True)
             results.append(json.loads(line))
         f, t = results
@@ -142,6 +143,8 @@ def main() -> None:
         print(json.dumps(ratio))
         results.append(ratio)
     else:
+        if a.only == "torch":  # before flaxclf is imported: it turns transformers' torch models off otherwise
+            os.environ["USE_TORCH"] = "1"
         from flaxclf.hostmem import keep_freed_memory
 
         keep_freed_memory()
