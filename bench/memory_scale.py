@@ -57,6 +57,12 @@ def _batch_abstract(batch: int, length: int, s) -> dict:
             "weight": jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=s)}
 
 
+def _against_goal(per_device: int, whole: int, fsdp: int) -> dict:
+    """The issue's goal: per-device state <= 1/fsdp of the unsharded state + 10%."""
+    return {"ratio": round(per_device / whole, 4), "goal_ratio": round(1.1 / fsdp, 4),
+            "ok": per_device <= 1.1 * whole / fsdp}
+
+
 def _compiled_state_bytes(model, tx, abstract, mesh: jax.sharding.Mesh, batch: int, length: int) -> dict:
     """The sharded train step compiled on `mesh`: its memory_analysis() per device, and the bytes of its
     state argument (params + AdamW state + step + rng) = all arguments less the batch's shard."""
@@ -87,8 +93,7 @@ def fsdp_memory(fsdp: int = 8, compiled: bool = False, batch: int = 32, length: 
         out[name] = {"unsharded_MiB": round(f / 2**20, 1), "per_device_MiB": round(d / 2**20, 1)}
         full, per_dev = full + f, per_dev + d
     out["params_plus_opt"] = {"unsharded_MiB": round(full / 2**20, 1), "per_device_MiB": round(per_dev / 2**20, 1),
-                              "ratio": round(per_dev / full, 4), "goal_ratio": round(1.1 / fsdp, 4),
-                              "ok": per_dev <= 1.1 * full / fsdp, "from": "shard shapes"}
+                              **_against_goal(per_dev, full, fsdp), "from": "shard shapes"}
     if compiled:
         # The same figure from XLA: the step compiled on the fsdp mesh and on one device (the unsharded
         # state), each memory_analysis() per device; the state is every argument but the batch.
@@ -100,8 +105,7 @@ def fsdp_memory(fsdp: int = 8, compiled: bool = False, batch: int = 32, length: 
             "batch": batch, "length": length, "unit": "MiB per device",
             **{name: {k: (round(v / 2**20, 1) if k.endswith("bytes") else v) for k, v in r.items()}
                for name, r in runs.items()},
-            "state_ratio": round(sharded / whole, 4), "goal_ratio": round(1.1 / fsdp, 4),
-            "ok": sharded <= 1.1 * whole / fsdp}
+            **_against_goal(sharded, whole, fsdp)}
     return out
 
 

@@ -14,7 +14,7 @@ Same math as FlaxBertModule, in fp32 to the last bit of the dropout masks; what 
     probabilities;
   * the exact GELU uses torch's erf formula behind a select that keeps it out of the next matmul's fusion;
   * with cls_only=True (the classifier's [CLS] poolings) the last layer computes position 0 alone, and
-    attends from it without projecting keys or values (SelfAttention._cls_attention).
+    attends from it without projecting keys or values (_cls_attention).
 `dtype` is the matmul input dtype. fp32 (the default) is exact. bf16 is mixed precision, as torch's autocast:
 matmul inputs in bf16 with fp32 accumulation and an fp32 result; embeddings, LayerNorm, GELU, softmax, dropout
 and the residual stream stay fp32. On this CPU (AVX-512 bf16) a bf16 dot that returns fp32 runs ~2x faster
@@ -133,6 +133,32 @@ class Embeddings(nn.Module):
         return self.dropout(self.LayerNorm(x), deterministic=deterministic)
 
 
+def _cls_attention(x_BxLxD, q_BxHxDh, bias_Bx1xL, keep, rate, key, value, dtype):
+    """Attention of the [CLS] query alone, without projecting a key or a value: the same sums regrouped.
+    Its score against position j is q . (x_j Wk + bk) = (Wk q) . x_j + q . bk, and its output
+    sum_j p_j (x_j Wv + bv) = (sum_j p_j x_j) Wv + (sum_j p_j) bv, per head. So the query goes through Wk
+    (B*H*D*Dh multiply-adds) instead of every position (B*L*D*D), and the weights mix x before Wv; for
+    MiniLM at length 128 the last layer's two [L, D] x [D, D] projections (3% of the model's FLOPs) go.
+    `keep` is the attention dropout mask's [CLS] row (None without dropout). Returns [B, 1, D]."""
+    b, _, d = x_BxLxD.shape
+    _, h, dh = q_BxHxDh.shape
+    (wk, bk), (wv, bv) = key, value
+    wk_HxDhxD = wk.reshape(d, h, dh).transpose(1, 2, 0)
+    qk_BxHxD = _mm(q_BxHxDh.transpose(1, 0, 2), wk_HxDhxD, dtype).transpose(1, 0, 2)
+    qb_BxHx1 = jnp.sum(q_BxHxDh * bk.reshape(h, dh), -1, keepdims=True)
+    scores_BxHxL = _mm(qk_BxHxD, jnp.swapaxes(x_BxLxD, -1, -2), dtype) + qb_BxHx1 + bias_Bx1xL
+    e = jnp.exp(scores_BxHxL - jax.lax.stop_gradient(scores_BxHxL.max(-1, keepdims=True)))
+    total = e.sum(-1, keepdims=True)
+    if keep is not None:
+        e = e * keep[:, :, 0].astype(e.dtype)
+        total = total * (1.0 - rate)
+    mixed_HxBxD = _mm(e, x_BxLxD, dtype).transpose(1, 0, 2)  # sum_j e_j x_j per head
+    ctx_HxBxDh = _mm(mixed_HxBxD, wv.reshape(d, h, dh).transpose(1, 0, 2), dtype)
+    # + (sum_j e_j) bv, then divided by the softmax's sum (times keep_prob with dropout)
+    ctx_BxHxDh = (ctx_HxBxDh.transpose(1, 0, 2) + e.sum(-1, keepdims=True) * bv.reshape(h, dh)) / total
+    return ctx_BxHxDh.reshape(b, 1, d)
+
+
 class SelfAttention(nn.Module):
     """Heads-major attention; params attention/self/{query,key,value}/{kernel,bias}."""
 
@@ -166,7 +192,7 @@ class SelfAttention(nn.Module):
             # the cls_only path takes its first row, so both paths drop the same weights.
             keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, (1, 1, n, n))[:, :, :q.shape[2]]
         if cls_only:
-            return self._cls_attention(x_BxLxD, q[:, :, 0], bias_Bx1x1xL[:, :, 0], keep, (wk, bk), (wv, bv))
+            return _cls_attention(x_BxLxD, q[:, :, 0], bias_Bx1x1xL[:, :, 0], keep, rate, (wk, bk), (wv, bv), dt)
         k, v = heads(x_BxLxD, wk, bk), heads(x_BxLxD, wv, bv)
         scores_BxHxQxL = _mm(q, jnp.swapaxes(k, -1, -2), dt) + bias_Bx1x1xL
         # softmax(s) @ v as (exp(s - max) @ v) / sum: XLA:CPU fuses the exponential (and the dropout mask) into
@@ -178,33 +204,6 @@ class SelfAttention(nn.Module):
         else:
             ctx_BxHxQxDh = _mm(e * keep.astype(e.dtype), v, dt) / (e.sum(-1, keepdims=True) * (1.0 - rate))
         return ctx_BxHxQxDh.transpose(0, 2, 1, 3).reshape(b, n, d)
-
-    def _cls_attention(self, x_BxLxD, q_BxHxDh, bias_Bx1xL, keep, key, value):
-        """Attention of the [CLS] query alone, without projecting a key or a value: the same sums regrouped.
-        Its score against position j is q . (x_j Wk + bk) = (Wk q) . x_j + q . bk, and its output
-        sum_j p_j (x_j Wv + bv) = (sum_j p_j x_j) Wv + (sum_j p_j) bv, per head. So the query goes through Wk
-        (B*H*D*Dh multiply-adds) instead of every position (B*L*D*D), and the weights mix x before Wv; for
-        MiniLM at length 128 the last layer's two [L, D] x [D, D] projections (3% of the model's FLOPs) go.
-        Returns [B, 1, D]."""
-        s, dt = self.spec, self.dtype
-        b, n, d = x_BxLxD.shape
-        h = s.num_attention_heads
-        dh = d // h
-        (wk, bk), (wv, bv) = key, value
-        wk_HxDhxD = wk.reshape(d, h, dh).transpose(1, 2, 0)
-        qk_BxHxD = _mm(q_BxHxDh.transpose(1, 0, 2), wk_HxDhxD, dt).transpose(1, 0, 2)
-        qb_BxHx1 = jnp.sum(q_BxHxDh * bk.reshape(h, dh), -1, keepdims=True)
-        scores_BxHxL = _mm(qk_BxHxD, jnp.swapaxes(x_BxLxD, -1, -2), dt) + qb_BxHx1 + bias_Bx1xL
-        e = jnp.exp(scores_BxHxL - jax.lax.stop_gradient(scores_BxHxL.max(-1, keepdims=True)))
-        total = e.sum(-1, keepdims=True)
-        if keep is not None:
-            e = e * keep[:, :, 0].astype(e.dtype)
-            total = total * (1.0 - s.attention_probs_dropout_prob)
-        mixed_HxBxD = _mm(e, x_BxLxD, dt).transpose(1, 0, 2)  # sum_j e_j x_j per head
-        ctx_HxBxDh = _mm(mixed_HxBxD, wv.reshape(d, h, dh).transpose(1, 0, 2), dt)
-        # + (sum_j e_j) bv, then divided by the softmax's sum (times keep_prob with dropout)
-        ctx_BxHxDh = (ctx_HxBxDh.transpose(1, 0, 2) + e.sum(-1, keepdims=True) * bv.reshape(h, dh)) / total
-        return ctx_BxHxDh.reshape(b, 1, d)
 
 
 class _Dropout(nn.Module):
