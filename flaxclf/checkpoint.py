@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -37,6 +38,12 @@ def sharded_target(abstract: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying the *new* mesh's shardings: orbax then restores onto that layout (without
     them it silently restores the saved layout, and NamedTuples come back as lists)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """'a/b/c' -> shape of every array leaf of a state, abstract state or orbax metadata tree."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+    return {sharding.path_str(p): tuple(x.shape) for p, x in leaves if hasattr(x, "shape")}
 
 
 def _first_line(e: BaseException) -> str:
@@ -89,9 +96,11 @@ class Checkpointer:
 
     def restore(self, abstract: Any, shardings: Any,
                 check: Callable[[dict], None] | None = None) -> tuple[int, Any, dict] | None:
-        """(step, state, meta) of the newest readable checkpoint, restored onto `shardings`. An unreadable one
-        is skipped with a warning naming it and moved aside, so that this run can save that step again.
-        `check(meta)` may refuse the run directory (it raises). None when there is no checkpoint."""
+        """(step, state, meta) of the newest readable checkpoint, restored onto `shardings`. `check(meta)` may
+        refuse the run directory (it raises) before anything is read or moved. A checkpoint whose saved arrays
+        have other shapes than `abstract` is refused, never called unreadable; only one that can't be read is
+        skipped with a warning and moved aside, so that this run can save that step again. None when there is
+        no checkpoint."""
         target = sharded_target(abstract, shardings)
         unreadable = []
         for step in reversed(self.steps()):
@@ -106,11 +115,30 @@ class Checkpointer:
                 state = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(target)))["state"]
             except Exception as e:
+                mismatch = self._shape_mismatch(step, abstract)
+                if mismatch is not None:
+                    raise CheckpointError(f"{self.directory / str(step)} was saved with another model shape "
+                                          f"({mismatch}); rerun with that run's settings, use another "
+                                          "train.output_dir, or set checkpoint.fresh=true to start over") from None
                 unreadable.append(self._skip(step, e))
                 continue
             self._move_aside(unreadable)
             return step, state, meta
         self._move_aside(unreadable)
+        return None
+
+    def _shape_mismatch(self, step: int, abstract: Any) -> str | None:
+        """'path: saved shape -> now shape' of the first array whose saved shape differs from `abstract`, or of a
+        path only one side has; None when the saved tree fits (or its metadata can't be read either)."""
+        try:
+            tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.directory / str(step) / "state")).tree
+            saved = _flat_shapes(tree)
+        except Exception:  # noqa: BLE001 - no readable metadata: the checkpoint is unreadable, not another shape
+            return None
+        now = _flat_shapes(abstract)
+        for path in sorted(set(saved) | set(now)):
+            if saved.get(path) != now.get(path):
+                return f"{path}: {saved.get(path, 'absent')} -> {now.get(path, 'absent')}"
         return None
 
     def _skip(self, step: int, e: Exception) -> int:
@@ -135,12 +163,15 @@ class Checkpointer:
         self.manager.reload()
 
     def restore_params(self, step: int, abstract_params: Any, shardings: Any) -> Any:
-        """The params of a checkpoint alone, without reading the optimizer state."""
+        """The params of a checkpoint alone, onto `shardings`, without reading the optimizer state.
+
+        Read with a PyTreeCheckpointer of its own: the manager registers the handler of its first use for
+        "state" (StandardCheckpointHandler when it saved), and that handler can't restore a subtree."""
         target = {"params": sharded_target(abstract_params, shardings)}
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
-        return out["state"]["params"]
+        out = ocp.PyTreeCheckpointer().restore(self.directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True))
+        return out["params"]
 
     def best_step(self) -> int | None:
         """The kept checkpoint with the best metric; None when none was saved with metrics."""
@@ -154,19 +185,61 @@ class Checkpointer:
         self.manager.close()
 
 
-def check_compatible(meta: dict, model_name: str, label_names: list[str], directory: Path) -> None:
-    """Refuses to continue a run directory made with another model or label set."""
-    if meta.get("model") != model_name or list(meta.get("label_names", [])) != list(label_names):
+# The run settings a resume must keep: they shape the params and the optimizer state, or fix which rows make
+# each training batch. Everything else (epochs, learning rate, eval and save cadence, mesh, dtype) may change.
+RESUME_KEYS = ("model.name", "model.pooling", "model.problem_type", "model.param_dtype",
+               "data.task", "data.train_file", "data.format", "data.text_column", "data.text_pair_column",
+               "data.label_column", "data.label_type", "data.max_length", "data.buckets", "data.empty_text",
+               "train.global_batch_size", "train.seed")
+
+
+def _get(d: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part, _ABSENT) if isinstance(d, dict) else _ABSENT
+    return d
+
+
+_ABSENT = object()
+
+
+def resume_changes(saved: dict, now: RunConfig) -> list[str]:
+    """'key: old -> new' for each RESUME_KEYS field where a checkpoint's saved config differs from `now`."""
+    current, default = now.to_dict(), RunConfig().to_dict()
+    out = []
+    for key in RESUME_KEYS:
+        old = _get(saved, key)
+        old = _get(default, key) if old is _ABSENT else old  # a field newer than the checkpoint: its default
+        if old != _get(current, key):
+            out.append(f"{key}: {old} -> {_get(current, key)}")
+    return out
+
+
+def check_compatible(meta: dict, cfg: RunConfig, label_names: list[str], directory: Path) -> None:
+    """Refuses to continue a run directory whose checkpoints were made with other params, data or labels."""
+    changes = resume_changes(meta.get("config", {}), cfg)
+    if list(meta.get("label_names", [])) != list(label_names):
+        changes.append(f"labels: {meta.get('label_names')} -> {list(label_names)}")
+    if changes:
         raise CheckpointError(
-            f"{directory} holds checkpoints of another run (model {meta.get('model')!r}, labels "
-            f"{meta.get('label_names')}), not of model {model_name!r} with labels {list(label_names)}; use "
-            f"another train.output_dir, or set checkpoint.fresh=true to discard them and start over")
+            f"{directory} holds checkpoints of a run with other settings ({'; '.join(changes)}); rerun with the "
+            f"old values, use another train.output_dir, or set checkpoint.fresh=true to start over")
 
 
-def discard(directory: str | Path) -> None:
-    """Removes a run's checkpoints (only when the user asked for a fresh start)."""
-    shutil.rmtree(directory, ignore_errors=True)
-    shutil.rmtree(Path(directory).with_name(Path(directory).name + UNREADABLE_SUFFIX), ignore_errors=True)
+def discard(run_dir: str | Path) -> None:
+    """Removes what a run wrote that a fresh start must not carry on (only when the user asked for one): its
+    checkpoints, those moved aside, its TensorBoard events and its summary. Files it did not write stay."""
+    run_dir = Path(run_dir)
+    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+    shutil.rmtree(run_dir / (CHECKPOINTS + UNREADABLE_SUFFIX), ignore_errors=True)
+    for events in (run_dir / "tb").glob("events.out.tfevents.*"):
+        events.unlink()
+    (run_dir / "summary.json").unlink(missing_ok=True)
+
+
+def moved_aside(run_dir: str | Path) -> list[str]:
+    """The checkpoint steps an earlier attempt moved to checkpoints.unreadable/."""
+    aside = Path(run_dir) / (CHECKPOINTS + UNREADABLE_SUFFIX)
+    return sorted(p.name for p in aside.iterdir()) if aside.is_dir() else []
 
 
 # ---------------------------------------------------------------------------------------------- inference
@@ -248,13 +321,14 @@ def load_params_for_inference(run_dir: str | Path, step: int | str | None = None
         ckpt.close()
 
 
-def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | str | None = None) -> Path:
+def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | str | None = None) -> tuple[Path, int]:
     """Writes a run's checkpoint (latest, 'best' or a step number) as a Hugging Face
-    BertForSequenceClassification folder (config.json, model.safetensors, tokenizer files); returns it."""
+    BertForSequenceClassification folder (config.json, model.safetensors, tokenizer files); returns the folder
+    and the step exported."""
     model, params, meta = load_params_for_inference(run_dir, step)
     host = jax.tree.map(sharding.to_host, params)
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser().absolute()
     if jax.process_index() == 0:
-        weights.export_hf(out, model.config, host, meta["model_dir"])
+        out = weights.export_hf(out, model.config, host, meta["model_dir"])
     multihost_utils.sync_global_devices("flaxclf:exported")
-    return out
+    return out, meta["step"]

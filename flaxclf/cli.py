@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import io
 import json
 import logging
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
 from flaxclf.config import ConfigError
 from flaxclf.hostmem import keep_freed_memory
+from flaxclf.vocab import FILE_FORMATS, POOLINGS
 
 DEFAULT_TEXT = "a gripping, funny and moving film"
 _MODEL_HELP = ("a run directory (made by `flaxclf train`), a Hugging Face model folder, or a packaged model name "
@@ -94,38 +95,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _read_inputs(path: str, fmt: str | None, text_column: str, pair_column: str | None,
                  ) -> tuple[list[str], list[str] | None]:
-    """Texts (and pairs) from a file or stdin ("-"): lines, CSV/TSV with a header, or JSONL."""
-    from flaxclf.predict import InferenceError
+    """Texts (and pairs) from a file or stdin ("-"): lines, CSV/TSV with a header, JSONL or Parquet."""
+    from flaxclf.data import read_texts
 
-    if path != "-" and not Path(path).expanduser().is_file():
-        raise InferenceError(f"input file {path} does not exist")
-    ext = Path(path).suffix.lower()
-    fmt = fmt or {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}.get(ext, "lines")
-    raw = sys.stdin.read() if path == "-" else Path(path).expanduser().read_text(encoding="utf-8")
-    name = "stdin" if path == "-" else path
-    if fmt == "lines":
-        if pair_column:
-            raise InferenceError("--text-pair-column needs a CSV, TSV or JSONL input (--input-format)")
-        return [line for line in raw.splitlines() if line.strip()], None
-    if fmt == "jsonl":
-        rows = []
-        for i, line in enumerate(raw.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise InferenceError(f"{name} line {i} is not JSON ({e.msg}); give one object a line") from None
-    else:
-        rows = list(csv.DictReader(io.StringIO(raw), delimiter="\t" if fmt == "tsv" else ","))
-    cols = [c for c in (text_column, pair_column) if c]
-    for i, row in enumerate(rows, 1):
-        missing = [c for c in cols if not isinstance(row, dict) or row.get(c) is None]
-        if missing:
-            have = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise InferenceError(f"{name} row {i} has no column {missing[0]!r} (it has {have}); pass "
-                                 "--text-column / --text-pair-column")
-    texts = [str(r[text_column]) for r in rows]
-    return texts, ([str(r[pair_column]) for r in rows] if pair_column else None)
+    return read_texts(path, fmt, text_column, pair_column)
 
 
 def _write_predictions(rows: list[dict], out, fmt: str, pairs: list[str] | None) -> None:
@@ -178,16 +151,14 @@ def _export(args: argparse.Namespace) -> int:
     if not predict.is_run_dir(args.run_dir):
         raise predict.InferenceError(f"{args.run_dir} is not a run directory (config.yaml and checkpoints/); "
                                      "pass the train.output_dir of a `flaxclf train` run")
-    exporter = getattr(checkpoint, "export_checkpoint", None)
-    if exporter is not None:
-        out = exporter(args.run_dir, args.out_dir, step=args.step)
-        which = f"step {args.step}" if args.step is not None else "the latest checkpoint"
-    else:
+    if (Path(args.run_dir).expanduser() / checkpoint.CHECKPOINTS).is_dir():
+        out, step = checkpoint.export_checkpoint(args.run_dir, args.out_dir, step=args.step)
+        which = f"checkpoint {step}" + (" (the best)" if args.step == "best" else "")
+    else:  # a run directory that kept only its export/
         loaded = predict.load(args.run_dir, step=args.step)
         out = weights.export_hf(args.out_dir, loaded.model.config, loaded.params, loaded.model_dir)
         which = loaded.source
-    print(f"exported {which} to {out or args.out_dir}\n  PyTorch: BertForSequenceClassification.from_pretrained("
-          f"{str(out or args.out_dir)!r})")
+    print(f"exported {which} to {out}\n  PyTorch: BertForSequenceClassification.from_pretrained({str(out)!r})")
     return 0
 
 
@@ -220,7 +191,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data (default: the run's own data settings, else the packaged task)")
     g.add_argument("--data", metavar="FILE", help="a labelled CSV, TSV, JSONL, Parquet or datasets folder, read like "
                    "a training file")
-    g.add_argument("--format", choices=["csv", "tsv", "jsonl", "parquet", "hf_disk"],
+    g.add_argument("--format", choices=FILE_FORMATS,
                    help="format of --data (default: from its extension)")
     g.add_argument("--text-column", help="column of the texts (default: text)")
     g.add_argument("--text-pair-column", help="column of the second texts, for sentence pairs")
@@ -296,7 +267,8 @@ def _parser() -> argparse.ArgumentParser:
                        "BertForSequenceClassification.from_pretrained loads (config.json, model.safetensors, "
                        "tokenizer files). Needs pooling=cls_pooler, the only head PyTorch has.")
     x.add_argument("run_dir", metavar="RUN_DIR", help="a run directory made by `flaxclf train`")
-    x.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write (replaced if it exists)")
+    x.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write: a new or empty one, or an earlier "
+                   "flaxclf export (replaced); a folder with other files is refused")
     x.add_argument("--step", type=_step, default=None, help="a checkpoint step, 'best' or 'last' (default: last)")
     x.set_defaults(fn=_export)
 
@@ -308,7 +280,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_args(i)
     i.add_argument("--text", default=DEFAULT_TEXT, help=f"the text to measure (default: {DEFAULT_TEXT!r})")
     i.add_argument("--pair", default=None, help="a second text, for sentence-pair models")
-    i.add_argument("--pooling", choices=["cls_pooler", "cls", "mean", "max"], default=None,
+    i.add_argument("--pooling", choices=POOLINGS, default=None,
                    help="HF folder or packaged name only: the head to build (default: cls_pooler)")
     i.add_argument("--num-labels", type=int, default=None, help="HF folder or packaged name only: classes of a new "
                    "head (default: the folder's config.json)")
@@ -335,21 +307,47 @@ def _quiet(verbose: bool) -> None:
         warnings.filterwarnings("ignore", message=".*Flax.*deprecat.*")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    _quiet(getattr(args, "verbose", False))
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean a user's input or setting is wrong (each module defines its own)."""
     from flaxclf.assets import AssetError
     from flaxclf.checkpoint import CheckpointError
     from flaxclf.data import DataError
+    from flaxclf.files import OutputError
     from flaxclf.predict import InferenceError
     from flaxclf.train import TrainingError
     from flaxclf.weights import WeightsError
 
+    return (ConfigError, DataError, AssetError, WeightsError, CheckpointError, InferenceError, TrainingError,
+            OutputError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs one command. A user error is one line on stderr and exit code 2 (--verbose adds its traceback); a
+    traceback without --verbose means a bug in flaxclf."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":  # key=value overrides may follow options too (argparse stops at the first)
+        args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
+        extra = [x for x in extra if x not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    verbose = getattr(args, "verbose", False)
+    _quiet(verbose)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, AssetError, WeightsError, CheckpointError, InferenceError, TrainingError) as e:
-        print(f"flaxclf {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except _user_errors() as e:
+        err, message = e, " ".join(str(e).split())
+    except OSError as e:  # the machine's answer, not flaxclf's bug: a full disk, a missing permission
+        if e.filename is None:
+            raise
+        err, message = e, f"{e.filename}: {e.strerror}; free some space, fix the permissions or choose another path"
+    except KeyboardInterrupt:
+        print(f"flaxclf {args.command}: interrupted", file=sys.stderr)
+        return 130
+    if verbose:
+        traceback.print_exception(err)
+    print(f"flaxclf {args.command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def console(argv: list[str] | None = None) -> int:

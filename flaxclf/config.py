@@ -13,6 +13,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from flaxclf.vocab import FileFormat, Impl, Pooling, ProblemType
+
 
 class ConfigError(ValueError):
     """A user-facing configuration mistake; the message says which key and what is allowed."""
@@ -22,9 +24,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     # A packaged model name (see flaxclf.assets), a local Hugging Face folder, or a hub id.
     name: str = "minilm-l6"
-    pooling: Literal["cls_pooler", "cls", "mean", "max"] = "cls_pooler"
+    pooling: Pooling = "cls_pooler"
     # None: inferred as PyTorch does (num_labels == 1 -> regression, list labels -> multi-label, else single).
-    problem_type: Literal["single_label_classification", "multi_label_classification", "regression"] | None = None
+    problem_type: ProblemType | None = None
     # None: use the backbone's hidden_dropout_prob, as BertForSequenceClassification does.
     classifier_dropout: float | None = None
     # Compute dtype. With impl=fast, bfloat16 is mixed precision (matmul inputs bf16, fp32 accumulation, the rest
@@ -36,7 +38,7 @@ class ModelConfig:
     # The encoder. fast: flaxclf.fast_bert, FlaxBertModule's params, init and dropout masks in a layout XLA runs
     # faster, computing only position 0 in the last layer under [CLS] pooling (bench/README.md). hf:
     # transformers' FlaxBertModule itself. Both match PyTorch's BertForSequenceClassification in fp32.
-    impl: Literal["hf", "fast"] = "fast"
+    impl: Impl = "fast"
 
 
 @dataclass
@@ -46,7 +48,7 @@ class DataConfig:
     train_file: str | None = None
     validation_file: str | None = None
     test_file: str | None = None
-    format: Literal["csv", "tsv", "jsonl", "parquet", "hf_disk"] | None = None  # None: from the file extension
+    format: FileFormat | None = None  # None: from the file extension
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"

@@ -7,7 +7,11 @@ from typing import Any
 
 import numpy as np
 
-PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
+from flaxclf.vocab import MULTI, PROBLEM_TYPES, REGRESSION, SINGLE
+
+# The numbers each problem type's evaluation reports (what train.best_metric may name).
+SCALARS = {SINGLE: ("accuracy", "macro_f1"), MULTI: ("micro_f1", "macro_f1", "exact_match"),
+           REGRESSION: ("mse", "pearson", "spearman")}
 
 
 def _div(a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
@@ -117,11 +121,11 @@ def regression_metrics(preds: np.ndarray, labels: np.ndarray, weight: np.ndarray
 def compute_metrics(problem_type: str, logits: np.ndarray, labels: np.ndarray, weight: np.ndarray | None,
                     label_names: Sequence[str]) -> dict[str, Any]:
     """The metrics of `problem_type` (the model.problem_type names)."""
-    if problem_type == "single_label_classification":
+    if problem_type == SINGLE:
         return classification_metrics(logits, labels, weight, label_names)
-    if problem_type == "multi_label_classification":
+    if problem_type == MULTI:
         return multilabel_metrics(logits, labels, weight, label_names)
-    if problem_type == "regression":
+    if problem_type == REGRESSION:
         return regression_metrics(logits, labels, weight)
     raise ValueError(f"unknown problem type {problem_type!r}; use one of {', '.join(PROBLEM_TYPES)}")
 

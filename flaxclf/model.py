@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -11,13 +11,17 @@ import jax.numpy as jnp
 
 from flaxclf.backbone import BertSpec, FlaxBertModule, FlaxBertPooler
 from flaxclf.fast_bert import FastBertModule
-
-Pooling = Literal["cls_pooler", "cls", "mean", "max"]
-POOLINGS: tuple[str, ...] = ("cls_pooler", "cls", "mean", "max")
-CLS_POOLINGS: tuple[str, ...] = ("cls_pooler", "cls")  # the ones that read position 0 alone
-SINGLE, MULTI, REGRESSION = "single_label_classification", "multi_label_classification", "regression"
-PROBLEM_TYPES: tuple[str, ...] = (SINGLE, MULTI, REGRESSION)
-IMPLS: tuple[str, ...] = ("fast", "hf")
+from flaxclf.vocab import (  # noqa: F401 - re-exported: model.SINGLE etc. are public names
+    CLS_POOLINGS,
+    HF_POOLING,
+    IMPLS,
+    MULTI,
+    POOLINGS,
+    PROBLEM_TYPES,
+    REGRESSION,
+    SINGLE,
+    Pooling,
+)
 
 
 @dataclass(frozen=True)

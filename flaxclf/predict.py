@@ -67,7 +67,13 @@ def load(source: str, *, step: str | int | None = None, pooling: str | None = No
         return _load_run(Path(source).expanduser(), step, max_length)
     if step is not None:
         raise InferenceError(f"--step needs a run directory (with config.yaml and checkpoints/); {source} is not one")
+    if Path(source).expanduser().is_dir() and not (Path(source).expanduser() / "config.json").is_file():
+        raise InferenceError(f"{source} is neither a run directory (config.yaml with checkpoints/ or export/) nor a "
+                             "Hugging Face model folder (config.json); pass the train.output_dir of a `flaxclf "
+                             "train` run or a folder saved with save_pretrained")
     folder = assets.resolve_model(source)
+    length = min(max_length or DEFAULT_MAX_LENGTH, data.max_positions(folder) or 512)
+    data.load_tokenizer(folder, length)  # a folder without its tokenizer is refused before its weights are read
     overrides: dict[str, Any] = {"pooling": pooling or "cls_pooler"}
     if num_labels is not None:
         overrides["num_labels"] = num_labels
@@ -76,7 +82,6 @@ def load(source: str, *, step: str | int | None = None, pooling: str | None = No
     params = weights.load_params(model, folder, jax.random.PRNGKey(0))
     notes = [] if _has_head(folder) else [f"{source} has no trained classifier head (a base model): the head is "
                                           "random, so its predictions mean nothing"]
-    length = min(max_length or DEFAULT_MAX_LENGTH, data.max_positions(folder) or 512)
     return Loaded(model, params, folder, str(source), length, list(DEFAULT_BUCKETS), None, notes)
 
 
@@ -219,6 +224,8 @@ def eval_data_config(loaded: Loaded, file: str | None, **columns: Any) -> DataCo
     base = loaded.run_config.data if loaded.run_config is not None else DataConfig()
     cfg = DataConfig(**{**base.__dict__, "buckets": list(loaded.buckets), "max_length": loaded.max_length})
     if file is not None:
+        if not Path(file).expanduser().exists():  # named as the user gave it, not as the data.train_file it becomes
+            raise InferenceError(f"--data {file} does not exist; check the path")
         cfg.task, cfg.train_file, cfg.validation_file, cfg.test_file = None, file, None, None
         for k, v in columns.items():
             if v is not None:

@@ -64,7 +64,8 @@ class RunLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        for name, value in _scalars(record).items():
+        # Tags are namespaced by split ("validation/accuracy", "test_best/accuracy"): one curve, one split.
+        for name, value in _scalars(record, f"{record['split']}/").items():
             if math.isfinite(value):
                 self.tb.add_scalar(name, value, record["step"])
         self.tb.flush()

@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from flaxclf.config import MeshConfig
+from flaxclf.config import ConfigError, MeshConfig
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -40,7 +40,7 @@ def _resolve_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
     if -1 in sizes and n_devices % fixed == 0:
         sizes[sizes.index(-1)] = n_devices // fixed
     if math.prod(sizes) != n_devices:
-        raise ValueError(
+        raise ConfigError(
             f"mesh sizes (data={cfg.data}, fsdp={cfg.fsdp}, tensor={cfg.tensor}) do not multiply to the "
             f"{n_devices} available devices; choose sizes whose product is {n_devices} or set one to -1")
     return tuple(sizes)

@@ -18,8 +18,17 @@ import yaml
 from jax.experimental import multihost_utils
 
 from flaxclf import assets, data, distributed, metrics, sharding, weights
-from flaxclf.checkpoint import Checkpointer, CheckpointError, check_compatible, discard, lower_is_better
-from flaxclf.config import RunConfig
+from flaxclf.checkpoint import (
+    CHECKPOINTS,
+    UNREADABLE_SUFFIX,
+    Checkpointer,
+    CheckpointError,
+    check_compatible,
+    discard,
+    lower_is_better,
+    moved_aside,
+)
+from flaxclf.config import ConfigError, RunConfig
 from flaxclf.model import BertClassifier, ClassifierConfig, cast_floats
 from flaxclf.optim import lr_schedule, make_optimizer
 from flaxclf.runlog import RunLog
@@ -122,6 +131,7 @@ def setup(cfg: RunConfig) -> Job:
     if "train" not in splits:
         raise data.DataError("there is no training split; set data.train_file or a packaged data.task")
     model = _classifier(cfg, model_dir, task)
+    _check_best_metric(cfg, model.config.problem_type, "validation" in splits)
     batch_s = sharding.batch_sharding(mesh)
     batches = data.TrainBatches(splits["train"], cfg.train.global_batch_size, cfg.data.buckets, cfg.train.seed,
                                 batch_s, prefetch=cfg.data.prefetch)
@@ -130,9 +140,9 @@ def setup(cfg: RunConfig) -> Job:
     abstract = abstract_state(model, tx, jnp.dtype(cfg.model.param_dtype))
     shardings = state_shardings(abstract, mesh)
     if cfg.checkpoint.fresh and jax.process_index() == 0:
-        discard(run_dir / "checkpoints")
+        discard(run_dir)
     multihost_utils.sync_global_devices("flaxclf:fresh")
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint, f"validation/{cfg.train.best_metric}")
+    ckpt = Checkpointer(run_dir / CHECKPOINTS, cfg.checkpoint, f"validation/{cfg.train.best_metric}")
     restored = _restore(ckpt, abstract, shardings, cfg, task, run_dir)
     best = {"value": None, "step": None}
     if restored is None:
@@ -149,14 +159,29 @@ def setup(cfg: RunConfig) -> Job:
                train_step, eval_step, lr_schedule(cfg.optim, total), ckpt, best)
 
 
+def _check_best_metric(cfg: RunConfig, problem_type: str, has_validation: bool) -> None:
+    """train.best_metric must be a number the validation reports; checked before any step is spent."""
+    names = metrics.SCALARS[problem_type]
+    if has_validation and cfg.train.best_metric not in names:
+        raise ConfigError(f"train.best_metric {cfg.train.best_metric!r} is not a validation metric of "
+                          f"{problem_type}; use one of {', '.join(names)}")
+
+
 def _restore(ckpt: Checkpointer, abstract, shardings, cfg: RunConfig, task: data.Task, run_dir: Path):
+    """(state, meta) of the run directory's newest readable checkpoint after checking that it fits this run;
+    None for a directory without checkpoints. Never silently starts over where checkpoints were."""
+    aside = run_dir / (CHECKPOINTS + UNREADABLE_SUFFIX)
     if not ckpt.steps():
+        if moved_aside(run_dir):
+            raise CheckpointError(f"{run_dir} has no readable checkpoint left (unreadable ones, steps "
+                                  f"{', '.join(moved_aside(run_dir))}, were moved to {aside}); set "
+                                  "checkpoint.fresh=true to start over, or use another train.output_dir")
         return None
     out = ckpt.restore(abstract, shardings,
-                       check=lambda meta: check_compatible(meta, cfg.model.name, task.label_names, run_dir))
+                       check=lambda meta: check_compatible(meta, cfg, task.label_names, run_dir))
     if out is None:
-        raise CheckpointError(f"no checkpoint in {ckpt.directory} could be read; set checkpoint.fresh=true to "
-                              "start over")
+        raise CheckpointError(f"no checkpoint in {ckpt.directory} could be read (they were moved to {aside}); "
+                              "set checkpoint.fresh=true to start over, or use another train.output_dir")
     return out[1], out[2]
 
 
@@ -311,6 +336,8 @@ def run(cfg: RunConfig, show_progress: bool = True) -> dict:
     log = RunLog(job.run_dir, job.total_steps, start, show_progress)
     if start:
         log.say(f"resumed from {job.ckpt.directory / str(start)} at step {start} of {job.total_steps}")
+    else:
+        log.say(f"training {job.total_steps} steps from step 0 into {job.run_dir}")
     try:
         with _Signals() as signals:
             train_loop(job, log, signals)

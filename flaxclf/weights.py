@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from flaxclf import files
 from flaxclf.backbone import read_hf_config
 from flaxclf.model import BertClassifier, ClassifierConfig, cast_floats, dummy_inputs
 
@@ -20,6 +21,7 @@ log = logging.getLogger("flaxclf")
 
 Path_ = tuple[str, ...]
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+EXPORT_FILES = frozenset({"config.json", "model.safetensors", *TOKENIZER_FILES})  # all an export may write
 HEAD = ("classifier",)
 POOLER = ("pooler",)
 
@@ -220,19 +222,16 @@ def export_hf(folder: str | Path, config: ClassifierConfig, params: dict, tokeni
     if config.pooling != "cls_pooler":
         raise WeightsError(f"pooling={config.pooling!r} has no PyTorch BertForSequenceClassification equivalent "
                            "(it always uses the tanh pooler); export needs pooling=cls_pooler")
-    out = Path(folder)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     # HF keeps num_labels implicit in id2label; it is written out too so that people and other tools see it.
     hf = {**config.to_hf_config().to_dict(), "num_labels": config.num_labels}
-    (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-    save_file(to_pt_state(params), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer_dir) / name
-            if src.is_file():
-                shutil.copy2(src, tmp / name)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # the folder appears whole or not at all
-    return out
+
+    def write(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        save_file(to_pt_state(params), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / name
+                if src.is_file():
+                    shutil.copyfile(src, tmp / name)
+
+    return files.write_folder(folder, write, EXPORT_FILES)

@@ -237,6 +237,33 @@ def test_unreadable_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog
     ckpt.close()
 
 
+def test_a_checkpoint_of_another_shape_is_refused_not_moved(tmp_path):
+    directory = tmp_path / "checkpoints"
+    ckpt = Checkpointer(directory, CheckpointConfig(keep=3), "validation/accuracy")
+    ckpt.save(1, _toy_state(1.0), {"step": 1})
+    ckpt.close()
+    abstract, shardings = _toy_abstract()
+    abstract = {**abstract, "w": jax.ShapeDtypeStruct((4, 3), jnp.float32)}
+    ckpt = Checkpointer(directory, CheckpointConfig(keep=3), "validation/accuracy")
+    with pytest.raises(CheckpointError, match=r"another model shape \(w: \(4, 2\) -> \(4, 3\)\).*fresh=true"):
+        ckpt.restore(abstract, shardings)
+    assert ckpt.steps() == [1] and not (tmp_path / "checkpoints.unreadable").exists()
+    ckpt.close()
+
+
+def test_params_restore_in_the_process_that_saved(tmp_path):
+    """The best params are read back through the manager that saved them (the end of every run does this)."""
+    ckpt = Checkpointer(tmp_path / "checkpoints", CheckpointConfig(keep=3), "validation/accuracy")
+    for step in (1, 2):
+        ckpt.save(step, {"params": _toy_state(step), "opt": _toy_state(-step)}, {"step": step})
+    ckpt.wait()
+    abstract, shardings = _toy_abstract()
+    params = ckpt.restore_params(1, abstract, shardings)
+    assert float(params["w"][0, 0]) == 1.0 and int(params["n"]) == 1
+    assert params["w"].sharding == shardings["w"]
+    ckpt.close()
+
+
 @pytest.mark.parametrize("metric, values, best", [
     ("validation/accuracy", {2: 0.9, 4: 0.5, 6: 0.7}, 2),
     ("validation/loss", {2: 0.8, 3: 0.1, 6: 0.4}, 3),
@@ -256,10 +283,11 @@ def test_foreign_run_directory_is_refused_unless_fresh(runs, tmp_path, tiny_mode
     run_dir = tmp_path / "run"
     shutil.copytree(runs["full"] / "checkpoints", run_dir / "checkpoints")
     other_labels = _write_csvs(tmp_path / "other", ("yes", "no"))
-    with pytest.raises(CheckpointError, match=r"labels \['neg', 'pos'\].*labels \['no', 'yes'\].*fresh=true"):
+    with pytest.raises(CheckpointError, match=r"data.train_file: .* -> .*labels: \['neg', 'pos'\] -> \['no', 'yes'\]"
+                                              r".*fresh=true"):
         train.setup(load_config(REPO / "configs/tiny.yaml", _overrides(tiny_model_dir, other_labels, run_dir)))
     other_model = shutil.copytree(tiny_model_dir, tmp_path / "other-model")
-    with pytest.raises(CheckpointError, match="another run.*checkpoint.fresh=true"):
+    with pytest.raises(CheckpointError, match=r"\(model.name: .*tiny-bert.* -> .*other-model\);.*fresh=true"):
         train.setup(load_config(REPO / "configs/tiny.yaml", _overrides(other_model, csv_dir, run_dir)))
     job = train.setup(load_config(REPO / "configs/tiny.yaml",
                                   _overrides(tiny_model_dir, other_labels, run_dir, "checkpoint.fresh=true")))
@@ -277,7 +305,8 @@ def test_params_only_load_and_export_from_any_checkpoint(runs, tmp_path):
         model, params, meta = checkpoint.load_params_for_inference(runs["full"], step=step, mesh=mesh)
         assert meta["step"] == step and model.config.label_names == ("neg", "pos")
         _check_layout(params, mesh)
-        out = checkpoint.export_checkpoint(runs["full"], tmp_path / f"export-{step}", step=step)
+        out, exported_step = checkpoint.export_checkpoint(runs["full"], tmp_path / f"export-{step}", step=step)
+        assert exported_step == step
         exported = load_file(str(out / "model.safetensors"))
         from flaxclf.weights import to_pt_state
 

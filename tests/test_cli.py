@@ -211,9 +211,9 @@ def test_help_of_every_command():
 
 def test_read_inputs_names_the_missing_column(tmp_path):
     from flaxclf.cli import _read_inputs
-    from flaxclf.predict import InferenceError
+    from flaxclf.data import DataError
 
     path = tmp_path / "x.jsonl"
     path.write_text('{"review": "fine"}\n')
-    with pytest.raises(InferenceError, match="row 1 has no column 'text'.*'review'"):
+    with pytest.raises(DataError, match=r"has no column 'text' \(--text-column\); its columns are 'review'"):
         _read_inputs(str(path), None, "text", None)

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from flaxclf import assets, data
 from flaxclf.config import DataConfig
-from flaxclf.data import DataError
+from flaxclf.data import DataError, batches, tokens
 
 
 @pytest.fixture(scope="session")
@@ -77,11 +77,15 @@ def test_csv_string_labels_sorted_and_quoted_fields(tmp_path, model_dir, hf_toke
     _assert_matches_hf(splits["train"], hf_tokenizer, ["Great, really great", "awful", "so-so\nfilm"])
 
 
-def test_tsv_int_labels_and_no_quoting(tmp_path, model_dir, hf_tokenizer):
-    train = _write(tmp_path, "train.tsv", 'sentence\tlabel\r\n"quoted" start\t2\r\nb\t0\r\nc\t1\r\nd\t2\r\n')
+def test_tsv_int_labels_and_quoting_as_pandas(tmp_path, model_dir, hf_tokenizer):
+    # TSV quotes as CSV does (pandas' to_csv(sep="\t")): a quoted field holds tabs, line breaks and "" for a quote;
+    # a quote inside an unquoted field is kept as it is.
+    train = _write(tmp_path, "train.tsv", 'sentence\tlabel\r\n"a\ttab, ""quoted"" and\r\nbreak"\t2\r\n'
+                   'say "hi" now\t0\r\nc\t1\r\nd\t2\r\n')
     task, splits = data.load_task(_cfg(tmp_path, train_file=train, text_column="sentence"), model_dir)
     assert task.label_names == ["0", "1", "2"] and splits["train"].labels.tolist() == [2, 0, 1, 2]
-    assert _row_tokens(splits["train"], 0) == hf_tokenizer('"quoted" start')["input_ids"]  # quotes kept
+    assert _row_tokens(splits["train"], 0) == hf_tokenizer('a\ttab, "quoted" and\r\nbreak')["input_ids"]
+    assert _row_tokens(splits["train"], 1) == hf_tokenizer('say "hi" now')["input_ids"]
 
 
 def test_jsonl_pairs_regression_match_bert_tokenizer(tmp_path, model_dir, hf_tokenizer):
@@ -157,8 +161,8 @@ def test_tokenization_equals_bert_tokenizer_fast_on_rt_sample(rt, model_dir, hf_
 def test_second_load_hits_the_cache(tmp_path, model_dir, monkeypatch):
     train = _write(tmp_path, "t.csv", "text,label\nalpha beta,a\ngamma,b\n")
     calls = []
-    real = data._tokenize
-    monkeypatch.setattr(data, "_tokenize", lambda *a: calls.append(len(a[1])) or real(*a))
+    real = tokens._tokenize
+    monkeypatch.setattr(tokens, "_tokenize", lambda *a: calls.append(len(a[1])) or real(*a))
     _, first = data.load_task(_cfg(tmp_path, train_file=train), model_dir)
     assert not first["train"].from_cache and len(list((tmp_path / "cache").glob("*.npz"))) == 1
     _, second = data.load_task(_cfg(tmp_path, train_file=train), model_dir)
@@ -293,8 +297,8 @@ def test_host_shares_are_disjoint_cover_all_and_tokenize_half(tmp_path, model_di
     lines = [f"row number {i}" + (" word" * (i % 7)) for i in range(101)]
     train = _write(tmp_path, "t.csv", "text,label\n" + "".join(f"{t},{i % 3}\n" for i, t in enumerate(lines)))
     tokenized = []
-    real = data._tokenize
-    monkeypatch.setattr(data, "_tokenize", lambda tok, texts, pairs: tokenized.append(len(texts)) or
+    real = tokens._tokenize
+    monkeypatch.setattr(tokens, "_tokenize", lambda tok, texts, pairs: tokenized.append(len(texts)) or
                         real(tok, texts, pairs))
     shares = [data.load_task(_cfg(tmp_path, train_file=train), model_dir, process_index=p, process_count=2)[1]
               ["train"] for p in (0, 1)]
@@ -316,14 +320,14 @@ def test_host_shares_follow_the_batch_slots(tmp_path, model_dir):
     assert shares[1].rows.tolist() == [4, 5, 6, 7, 12, 13, 14, 15, 20]
     assert shares[1].batch_slots == 8 and shares[1].labels.tolist() == [r % 2 for r in shares[1].rows]
     with pytest.raises(DataError, match="loaded for batch size 8 but batches have 16 rows"):
-        data._check_slots(shares[0], 16)
+        batches._check_slots(shares[0], 16)
     with pytest.raises(DataError, match="global_batch_size 9 does not divide over 2 processes"):
         data.load_task(_cfg(tmp_path, train_file=train), model_dir, 0, 2, train_batch_size=9)
 
 
 def _global_plan(shares: list[data.TokenizedSplit], B: int, lengths: list[int], seed: int, epoch: int):
     """(bucket, global row ids) of each step, from every process's share as the processes build them together."""
-    slots = [data._slot_members(s, B, lengths) for s in shares]
+    slots = [batches._slot_members(s, B, lengths) for s in shares]
     counts_SxK = np.array([[len(m) for m in slot] for share in slots for slot in share])  # the allgather
     n_K = data.train_batch_counts(counts_SxK)
     plans = [data.train_epoch_plan(sl, s.process_index * B // s.process_count, n_K, seed, epoch)
@@ -363,7 +367,7 @@ def test_train_batch_counts_promote_a_slots_extra_rows():
     assert data.train_batch_counts(np.array([[5, 1, 0], [3, 2, 2]])).tolist() == [3, 2, 1]  # one row left out
     assert data.train_batch_counts(np.array([[0, 0, 4], [9, 0, 0]])).tolist() == [0, 0, 4]
     assert data.eval_batch_counts(np.array([[70, 9, 0], [65, 17, 3]]), 8).tolist() == [9, 3, 1]
-    assert data._allgather_counts(np.array([4, 5])).tolist() == [[4, 5]]
+    assert batches._allgather_counts(np.array([4, 5])).tolist() == [[4, 5]]
 
 
 # ------------------------------------------------------------------------------------------- bad input

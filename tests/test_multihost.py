@@ -24,9 +24,10 @@ os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec['device
 os.environ["JAX_PLATFORMS"] = "cpu"
 from flaxclf import checkpoint, data, train
 from flaxclf.config import load_config
+from flaxclf.data import tokens
 
 out = {"tokenized": {}, "splits": {}, "plan": {}, "start_step": None}
-tokenized, load_task, plan, save, setup = (data._tokenized, data.load_task, data.TrainBatches.epoch_plan,
+tokenized, load_task, plan, save, setup = (tokens.tokenize_cached, data.load_task, data.TrainBatches.epoch_plan,
                                            checkpoint.Checkpointer.save, train.setup)
 
 def counting_tokenized(tok, tok_hash, texts, *args):
@@ -54,7 +55,8 @@ def recording_setup(cfg):
     out["start_step"] = int(job.state.step)
     return job
 
-data._tokenized, data.load_task, data.TrainBatches.epoch_plan = counting_tokenized, recording_load_task, recording_plan
+tokens.tokenize_cached, data.load_task = counting_tokenized, recording_load_task
+data.TrainBatches.epoch_plan = recording_plan
 checkpoint.Checkpointer.save, train.setup = preempting_save, recording_setup
 try:
     train.run(load_config(spec["config"], spec["overrides"]), show_progress=False)

@@ -1,0 +1,139 @@
+"""Texts -> token ids with the model's tokenizer, cached on disk.
+
+Tokenization uses the model's fast tokenizer (the same Rust tokenizer as transformers' BertTokenizerFast) with
+truncation (``longest_first`` for pairs) and is cached as .npz keyed by a hash of the tokenized texts, of the
+tokenizer files and of max_length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from flaxclf import assets
+from flaxclf.data.types import DataError
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+_CACHE_VERSION = "1"
+# BertTokenizerFast's arguments (with its defaults) and the normalizer fields it rebuilds them into.
+_BERT_NORMALIZER = {"do_lower_case": ("lowercase", True), "strip_accents": ("strip_accents", None),
+                    "tokenize_chinese_chars": ("handle_chinese_chars", True)}
+
+
+def max_positions(model_dir: Path) -> int | None:
+    """The model's max_position_embeddings (config.json), the longest max_length it takes; None without one."""
+    path = model_dir / "config.json"
+    return json.loads(path.read_text()).get("max_position_embeddings") if path.is_file() else None
+
+
+def load_tokenizer(model_dir: Path, max_length: int):
+    """The model's fast tokenizer (a `tokenizers.Tokenizer`) set to truncate to max_length, never pad."""
+    if not any((model_dir / n).is_file() for n in ("tokenizer.json", "vocab.txt")):
+        raise DataError(f"model folder {model_dir} has no tokenizer.json or vocab.txt; save the tokenizer "
+                        f"with the model (tokenizer.save_pretrained)")
+    tok = _bert_tokenizer_json(model_dir)
+    if tok is None:  # no tokenizer.json, or one that BertTokenizerFast would adjust: let transformers build it
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(model_dir)).backend_tokenizer
+    tok.no_padding()
+    tok.enable_truncation(max_length=max_length, strategy="longest_first")
+    return tok
+
+
+def _bert_tokenizer_json(model_dir: Path):
+    """tokenizer.json loaded directly (fast: no transformers import) when it is a BERT tokenizer that
+    BertTokenizerFast would use unchanged; otherwise None."""
+    from tokenizers import Tokenizer
+
+    cfg_path = model_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    if not (model_dir / "tokenizer.json").is_file() or cfg.get("tokenizer_class", "BertTokenizer") not in (
+            "BertTokenizer", "BertTokenizerFast"):
+        return None
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    norm = json.loads(tok.normalizer.__getstate__()) if tok.normalizer is not None else {}
+    for arg, (key, default) in _BERT_NORMALIZER.items():
+        if norm.get(key, cfg.get(arg, default)) != cfg.get(arg, default):
+            return None
+    return tok
+
+
+def _tokenize(tok, texts: list[str], pairs: list[str] | None) -> dict[str, np.ndarray]:
+    """Encodes rows in chunks; returns the concatenated ids, type ids and row offsets."""
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast skips char offsets (tokenizers>=0.21)
+    encs = []
+    for start in range(0, len(texts), 4096):
+        chunk = texts[start:start + 4096]
+        encs += encode(list(zip(chunk, pairs[start:start + 4096], strict=True)) if pairs is not None else chunk)
+    ids = [e.ids for e in encs]
+    offsets = np.zeros(len(ids) + 1, np.int64)
+    np.cumsum([len(x) for x in ids], out=offsets[1:])
+    total = int(offsets[-1])
+    flat = itertools.chain.from_iterable
+    return {"input_ids": np.fromiter(flat(ids), np.int32, count=total),
+            "token_type_ids": np.fromiter(flat(e.type_ids for e in encs), np.int8, count=total),
+            "offsets": offsets}
+
+
+def tokenizer_hash(model_dir: Path) -> str:
+    """sha256 over the tokenizer files the model folder has."""
+    h = hashlib.sha256()
+    for name in _TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            h.update(name.encode() + b"\0" + assets.sha256_file(model_dir / name).encode())
+    return h.hexdigest()
+
+
+def _content_hash(texts: list[str], pairs: list[str] | None, tok_hash: str, max_length: int) -> str:
+    h = hashlib.sha256(f"v{_CACHE_VERSION}|{tok_hash}|{max_length}|{pairs is not None}|{len(texts)}".encode())
+    for i, t in enumerate(texts):
+        h.update(t.encode("utf-8", "surrogatepass") + b"\x00")
+        if pairs is not None:
+            h.update(pairs[i].encode("utf-8", "surrogatepass") + b"\x01")
+    return h.hexdigest()
+
+
+def _cache_load(path: Path) -> dict[str, np.ndarray] | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in ("input_ids", "token_type_ids", "offsets")}
+    except (OSError, KeyError, ValueError):
+        return None  # absent or damaged: tokenize again
+
+
+def _cache_save(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Writes to a temporary file in the same folder, then renames: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def tokenize_cached(tok, tok_hash: str, texts: list[str], pairs: list[str] | None, max_length: int,
+                    cache_dir: Path, split: str) -> tuple[dict[str, np.ndarray], bool]:
+    """(input_ids, token_type_ids, offsets) of the rows, and whether they came from the .npz cache."""
+    key = _content_hash(texts, pairs, tok_hash, max_length)
+    path = cache_dir / f"{split}-{key[:40]}.npz"
+    hit = _cache_load(path)
+    if hit is not None and len(hit["offsets"]) == len(texts) + 1:
+        return hit, True
+    try:
+        arrays = _tokenize(tok, texts, pairs)
+    except Exception as e:  # noqa: BLE001 - the Rust tokenizer raises plain Exception
+        raise DataError(f"could not tokenize the {split} rows with max_length {max_length} ({e}); raise "
+                        f"data.max_length") from None
+    _cache_save(path, arrays)
+    return arrays, False
