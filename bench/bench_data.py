@@ -67,7 +67,8 @@ def step_examples_per_s(global_batch_size: int = 32, length: int = 32, steps: in
     from flaxclf import optim, sharding, weights
     from flaxclf import steps as st
     from flaxclf.config import MeshConfig, OptimConfig
-    from flaxclf.model import SINGLE, BertClassifier
+    from flaxclf.model import BertClassifier
+    from flaxclf.vocab import SINGLE
 
     folder = assets.resolve_model("minilm-l6")
     model = BertClassifier(weights.classifier_config(folder, num_labels=4, problem_type=SINGLE))

@@ -26,8 +26,9 @@ from jax._src.dispatch import BACKEND_COMPILE_EVENT
 from flaxclf import assets, data, sharding, steps
 from flaxclf.backbone import BertSpec
 from flaxclf.config import DataConfig, MeshConfig, OptimConfig
-from flaxclf.model import SINGLE, BertClassifier, ClassifierConfig, init_params
+from flaxclf.model import BertClassifier, ClassifierConfig, init_params
 from flaxclf.optim import make_optimizer
+from flaxclf.vocab import SINGLE
 from flaxclf.weights import from_pretrained
 
 _compiles: list[tuple[str, float]] = []

@@ -44,7 +44,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from flaxclf.backbone import BertSpec  # noqa: E402
-from flaxclf.model import SINGLE, BertClassifier, ClassifierConfig, init_params  # noqa: E402
+from flaxclf.model import BertClassifier, ClassifierConfig, init_params  # noqa: E402
+from flaxclf.vocab import SINGLE  # noqa: E402
 
 FLOP_PER_SEQ_128 = 67.6e9  # NOTES.md, BERT-base at length 128
 

@@ -35,8 +35,9 @@ import numpy as np  # noqa: E402
 from flaxclf import sharding, steps  # noqa: E402
 from flaxclf.backbone import BertSpec  # noqa: E402
 from flaxclf.config import MeshConfig, OptimConfig  # noqa: E402
-from flaxclf.model import SINGLE, BertClassifier, ClassifierConfig  # noqa: E402
+from flaxclf.model import BertClassifier, ClassifierConfig  # noqa: E402
 from flaxclf.optim import make_optimizer  # noqa: E402
+from flaxclf.vocab import SINGLE  # noqa: E402
 
 
 def _bytes(x) -> int:

@@ -52,8 +52,9 @@ import transformers  # noqa: E402
 
 from flaxclf import sharding, steps  # noqa: E402
 from flaxclf.config import MeshConfig, OptimConfig  # noqa: E402
-from flaxclf.model import SINGLE, BertClassifier  # noqa: E402
+from flaxclf.model import BertClassifier  # noqa: E402
 from flaxclf.optim import make_optimizer  # noqa: E402
+from flaxclf.vocab import SINGLE  # noqa: E402
 from flaxclf.weights import from_pretrained, to_pt_state  # noqa: E402
 
 NUM_LABELS = 4

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flaxclf.config import ConfigError
 from flaxclf.hostmem import keep_freed_memory
-from flaxclf.vocab import FILE_FORMATS, POOLINGS
+from flaxclf.vocab import FILE_FORMATS, INPUT_FORMATS, POOLINGS
 
 DEFAULT_TEXT = "a gripping, funny and moving film"
 _MODEL_HELP = ("a run directory (made by `flaxclf train`), a Hugging Face model folder, or a packaged model name "
@@ -249,7 +249,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_model_args(r)
     r.add_argument("input", nargs="?", default="-", metavar="INPUT",
                    help="input file; '-' or none reads stdin (as lines: one text a line, blank lines skipped)")
-    r.add_argument("--input-format", choices=["lines", "csv", "tsv", "jsonl"],
+    r.add_argument("--input-format", choices=INPUT_FORMATS,
                    help="how to read INPUT (default: from its extension; lines otherwise, and for stdin)")
     r.add_argument("--text-column", default="text", help="column of the texts in CSV/TSV/JSONL (default: text)")
     r.add_argument("--text-pair-column", default=None, help="column of the second texts, for sentence pairs")

@@ -13,7 +13,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from flaxclf.vocab import FileFormat, Impl, Pooling, ProblemType
+from flaxclf.vocab import HF_POOLING, FileFormat, Impl, Pooling, ProblemType
 
 
 class ConfigError(ValueError):
@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     # A packaged model name (see flaxclf.assets), a local Hugging Face folder, or a hub id.
     name: str = "minilm-l6"
-    pooling: Pooling = "cls_pooler"
+    pooling: Pooling = HF_POOLING
     # None: inferred as PyTorch does (num_labels == 1 -> regression, list labels -> multi-label, else single).
     problem_type: ProblemType | None = None
     # None: use the backbone's hidden_dropout_prob, as BertForSequenceClassification does.

@@ -20,6 +20,7 @@ from flax.traverse_util import flatten_dict
 from flaxclf import data
 from flaxclf.model import BertClassifier
 from flaxclf.predict import Loaded
+from flaxclf.vocab import HF_POOLING
 
 PAD_TOKEN = "[PAD]"
 
@@ -130,7 +131,7 @@ def architecture(loaded: Loaded, length: int) -> str:
         (f"  encoder: {b.num_hidden_layers} x (self-attention + feed-forward {b.intermediate_size})", "", f"{enc:,}"),
         (f"positions: {_POSITIONS[cfg.pooling]}", f"[1, {d}]", "0"),
     ]
-    if cfg.pooling == "cls_pooler":
+    if cfg.pooling == HF_POOLING:
         rows.append((f"pooler: tanh(dense {d} -> {d})", f"[1, {d}]", f"{_count(p['pooler']):,}"))
     else:
         rows.append((f"pooler: none (pooling={cfg.pooling!r})", "", "0"))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flaxclf.model import MULTI, REGRESSION, SINGLE
+from flaxclf.vocab import MULTI, REGRESSION, SINGLE
 
 
 def infer_problem_type(num_labels: int, labels: np.ndarray) -> str:

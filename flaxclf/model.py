@@ -11,17 +11,7 @@ import jax.numpy as jnp
 
 from flaxclf.backbone import BertSpec, FlaxBertModule, FlaxBertPooler
 from flaxclf.fast_bert import FastBertModule
-from flaxclf.vocab import (  # noqa: F401 - re-exported: model.SINGLE etc. are public names
-    CLS_POOLINGS,
-    HF_POOLING,
-    IMPLS,
-    MULTI,
-    POOLINGS,
-    PROBLEM_TYPES,
-    REGRESSION,
-    SINGLE,
-    Pooling,
-)
+from flaxclf.vocab import CLS_POOLINGS, HF_POOLING, IMPLS, POOLINGS, PROBLEM_TYPES, REGRESSION, Pooling
 
 
 @dataclass(frozen=True)
@@ -30,7 +20,7 @@ class ClassifierConfig:
 
     backbone: BertSpec = field(default_factory=BertSpec)
     num_labels: int = 2
-    pooling: Pooling = "cls_pooler"
+    pooling: Pooling = HF_POOLING
     problem_type: str | None = None  # None: decided from the labels, as PyTorch does
     classifier_dropout: float | None = None  # None: backbone.hidden_dropout_prob
     label_names: tuple[str, ...] = ()
@@ -117,7 +107,7 @@ class BertClassifier(nn.Module):
         else:
             self.bert = FlaxBertModule(hf, dtype=self.dtype, add_pooling_layer=False,
                                        gradient_checkpointing=self.remat)
-        if self.config.pooling == "cls_pooler":
+        if self.config.pooling == HF_POOLING:
             self.pooler = FlaxBertPooler(hf, dtype=self.dtype)  # tanh(dense(h[:, 0])), params pooler/dense
         self.dropout = nn.Dropout(rate=self.config.dropout_rate)
         init = jax.nn.initializers.normal(self.config.backbone.initializer_range)  # as HF's _init_weights
@@ -144,7 +134,7 @@ class BertClassifier(nn.Module):
 
     def head(self, hidden_BxLxD, attention_mask, *, deterministic: bool = True):
         """Pooling -> (pooler) -> dropout -> classifier, from final hidden states to float32 logits [B, C]."""
-        if self.config.pooling == "cls_pooler":
+        if self.config.pooling == HF_POOLING:
             x = self.pooler(hidden_BxLxD)
         else:
             x = pool(hidden_BxLxD, attention_mask, self.config.pooling)

@@ -16,7 +16,8 @@ import numpy as np
 
 from flaxclf import assets, data, weights
 from flaxclf.config import DataConfig, RunConfig, from_dict
-from flaxclf.model import MULTI, REGRESSION, SINGLE, BertClassifier
+from flaxclf.model import BertClassifier
+from flaxclf.vocab import HF_POOLING, MULTI, REGRESSION, SINGLE
 
 log = logging.getLogger("flaxclf")
 
@@ -74,7 +75,7 @@ def load(source: str, *, step: str | int | None = None, pooling: str | None = No
     folder = assets.resolve_model(source)
     length = min(max_length or DEFAULT_MAX_LENGTH, data.max_positions(folder) or 512)
     data.load_tokenizer(folder, length)  # a folder without its tokenizer is refused before its weights are read
-    overrides: dict[str, Any] = {"pooling": pooling or "cls_pooler"}
+    overrides: dict[str, Any] = {"pooling": pooling or HF_POOLING}
     if num_labels is not None:
         overrides["num_labels"] = num_labels
     config = weights.classifier_config(folder, **overrides)

@@ -33,6 +33,7 @@ from flaxclf.model import BertClassifier, ClassifierConfig, cast_floats
 from flaxclf.optim import lr_schedule, make_optimizer
 from flaxclf.runlog import RunLog
 from flaxclf.steps import TrainState, abstract_state, compile_steps, create_state, state_shardings
+from flaxclf.vocab import HF_POOLING
 
 PREEMPTED_EXIT_CODE = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + signal, after a complete checkpoint
 
@@ -318,7 +319,7 @@ def finish(job: Job, log: RunLog) -> dict:
             log.write({"step": int(job.state.step), "split": f"{split}_{which.split()[0]}", **result})
     host = jax.tree.map(sharding.to_host, params)
     if jax.process_index() == 0:
-        if job.model.config.pooling == "cls_pooler":
+        if job.model.config.pooling == HF_POOLING:
             summary["export_dir"] = str(weights.export_hf(job.run_dir / "export", job.model.config, host,
                                                          job.model_dir))
         else:

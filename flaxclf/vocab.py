@@ -19,5 +19,9 @@ FILE_FORMATS: tuple[str, ...] = get_args(FileFormat)
 EXTENSIONS: dict[str, str] = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
                               ".parquet": "parquet", ".pq": "parquet"}
 
+# Inputs of `flaxclf predict`: a data file format, or plain lines (one text a line).
+InputFormat = Literal["lines", "csv", "tsv", "jsonl", "parquet"]
+INPUT_FORMATS: tuple[str, ...] = get_args(InputFormat)
+
 Impl = Literal["fast", "hf"]
 IMPLS: tuple[str, ...] = get_args(Impl)

@@ -16,6 +16,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from flaxclf import files
 from flaxclf.backbone import read_hf_config
 from flaxclf.model import BertClassifier, ClassifierConfig, cast_floats, dummy_inputs
+from flaxclf.vocab import HF_POOLING
 
 log = logging.getLogger("flaxclf")
 
@@ -156,7 +157,7 @@ def merge(expected: dict[Path_, Any], loaded: dict[Path_, np.ndarray], fresh: di
 
 
 def from_pretrained(name_or_path: str, num_labels: int | None = None, *, label_names: tuple[str, ...] | None = None,
-                    problem_type: str | None = None, pooling: str = "cls_pooler", classifier_dropout: Any = "hf",
+                    problem_type: str | None = None, pooling: str = HF_POOLING, classifier_dropout: Any = "hf",
                     dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, remat: bool = False,
                     seed: int = 0, impl: str = "fast") -> tuple[BertClassifier, dict]:
     """(model, params) from a packaged name, a local HF folder or a hub id.
@@ -192,7 +193,7 @@ def load_params(model: BertClassifier, folder: str | Path, rng: jax.Array) -> di
     head_rng = jax.random.fold_in(rng, 1)
     fresh = flatten_dict(jax.device_get(_init_head(model, head_rng)))
     merged = merge(expected, loaded, {HEAD + k: v for k, v in fresh.items()},
-                   pooling_uses_pooler=model.config.pooling == "cls_pooler")
+                   pooling_uses_pooler=model.config.pooling == HF_POOLING)
     return {"params": unflatten_dict({k: np.asarray(v, dtype=expected[k].dtype) for k, v in merged.items()})}
 
 
@@ -219,7 +220,7 @@ def export_hf(folder: str | Path, config: ClassifierConfig, params: dict, tokeni
     BertForSequenceClassification.from_pretrained loads with no missing or unexpected keys."""
     from safetensors.numpy import save_file
 
-    if config.pooling != "cls_pooler":
+    if config.pooling != HF_POOLING:
         raise WeightsError(f"pooling={config.pooling!r} has no PyTorch BertForSequenceClassification equivalent "
                            "(it always uses the tanh pooler); export needs pooling=cls_pooler")
     # HF keeps num_labels implicit in id2label; it is written out too so that people and other tools see it.

@@ -12,8 +12,9 @@ import pytest
 from flaxclf import sharding, steps
 from flaxclf.backbone import BertSpec
 from flaxclf.config import MeshConfig, OptimConfig
-from flaxclf.model import SINGLE, BertClassifier, ClassifierConfig, init_params
+from flaxclf.model import BertClassifier, ClassifierConfig, init_params
 from flaxclf.optim import make_optimizer
+from flaxclf.vocab import SINGLE
 
 SPEC = BertSpec(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                 max_position_embeddings=64)

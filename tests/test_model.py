@@ -11,7 +11,8 @@ import torch
 import transformers
 
 from flaxclf import losses
-from flaxclf.model import MULTI, REGRESSION, SINGLE, BertClassifier, ClassifierConfig, init_params
+from flaxclf.model import BertClassifier, ClassifierConfig, init_params
+from flaxclf.vocab import MULTI, REGRESSION, SINGLE
 from flaxclf.weights import from_pretrained
 from tests.torch_ref import TINY, batch, saved_torch_classifier, torch_logits
 

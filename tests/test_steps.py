@@ -9,8 +9,9 @@ import pytest
 from flaxclf import sharding, steps, weights
 from flaxclf.backbone import BertSpec
 from flaxclf.config import MeshConfig, OptimConfig
-from flaxclf.model import SINGLE, BertClassifier
+from flaxclf.model import BertClassifier
 from flaxclf.optim import make_optimizer
+from flaxclf.vocab import SINGLE
 
 NUM_LABELS, LENGTH, SEED = 4, 16, 0
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 4, 2)]  # (data, fsdp, tensor)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flaxclf.data.types import SPLITS, DataError
-from flaxclf.vocab import EXTENSIONS, FILE_FORMATS
+from flaxclf.vocab import EXTENSIONS, FILE_FORMATS, INPUT_FORMATS
 
 RT_LABELS = ["very negative", "negative", "positive", "very positive"]
 MISSING = object()  # a JSONL key absent from one row
@@ -248,8 +248,8 @@ def read_texts(path: str, fmt: str | None, text_column: str, pair_column: str | 
             raise DataError(f"input file {path} {'is a folder' if file.is_dir() else 'does not exist'}; give the "
                             f"path of a file")
         source, fmt, raw = path, fmt or EXTENSIONS.get(file.suffix.lower(), "lines"), file.read_bytes()
-    if fmt not in ("lines", "csv", "tsv", "jsonl", "parquet"):
-        raise DataError(f"{source}: format {fmt!r} can't be read as input; use lines, csv, tsv, jsonl or parquet")
+    if fmt not in INPUT_FORMATS:
+        raise DataError(f"{source}: format {fmt!r} can't be read as input; use {', '.join(INPUT_FORMATS)}")
     if fmt == "lines":
         if pair_column:
             raise DataError(f"{source}: --text-pair-column needs a CSV, TSV, JSONL or Parquet input (--input-format)")

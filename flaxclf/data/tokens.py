@@ -18,6 +18,7 @@ import numpy as np
 
 from flaxclf import assets
 from flaxclf.data.types import DataError
+from flaxclf.files import apply_umask
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 _CACHE_VERSION = "1"
@@ -115,7 +116,7 @@ def _cache_save(path: Path, arrays: dict[str, np.ndarray]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache may be shared
+        apply_umask(Path(tmp))  # mkstemp makes it private; the cache may be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
