@@ -321,16 +321,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             OutputError)
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The command's own parser reads everything after it, options and positionals in any order (argparse alone
+    stops taking positionals at the first option: `predict RUN --no-progress FILE` would lose FILE), and names
+    the command in its errors."""
+    parser = _parser()
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse keeps them only there
+    if at is None or argv[at] not in commands:
+        return parser.parse_args(argv)  # help, or the error naming the commands
+    args = commands[argv[at]].parse_intermixed_args(argv[:at] + argv[at + 1:])
+    args.command = argv[at]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one command. A user error is one line on stderr and exit code 2 (--verbose adds its traceback); a
     traceback without --verbose means a bug in flaxclf."""
-    parser = _parser()
-    args, extra = parser.parse_known_args(argv)
-    if args.command == "train":  # key=value overrides may follow options too (argparse stops at the first)
-        args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
-        extra = [x for x in extra if x not in args.overrides]
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args = _parse(sys.argv[1:] if argv is None else list(argv))
     verbose = getattr(args, "verbose", False)
     _quiet(verbose)
     try:

@@ -72,7 +72,11 @@ def write_folder(out: str | Path, write: Callable[[Path], None], names: frozense
     staging.parent.mkdir(parents=True, exist_ok=True)
     staging.mkdir()
     try:
-        write(staging)
+        try:
+            write(staging)
+        except OSError as e:
+            raise OutputError(f"could not write the export to {out} ({e.strerror}); nothing of it was left there: "
+                              "free some space or choose another folder") from e
         written = _listing(staging)
         unknown = [n for n in written if n not in names]
         if unknown:

@@ -31,10 +31,14 @@ from flaxclf.checkpoint import (
 from flaxclf.config import ConfigError, RunConfig
 from flaxclf.model import BertClassifier, ClassifierConfig, cast_floats
 from flaxclf.optim import lr_schedule, make_optimizer
-from flaxclf.runlog import RunLog
+from flaxclf.runlog import METRICS_FILE, RunLog
 from flaxclf.steps import TrainState, abstract_state, compile_steps, create_state, state_shardings
 from flaxclf.vocab import HF_POOLING
 
+# What a run writes at the top of its directory; the header marks config.yaml (and so the folder) as flaxclf's.
+RUN_FILES = ("config.yaml", "labels.json", METRICS_FILE, "tb", CHECKPOINTS, CHECKPOINTS + UNREADABLE_SUFFIX,
+             "export", "plots", "summary.json")
+CONFIG_HEADER = "# flaxclf train: the resolved settings of this run directory\n"
 PREEMPTED_EXIT_CODE = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + signal, after a complete checkpoint
 
 
@@ -124,9 +128,10 @@ def _meta(job: Job) -> dict:
 
 def setup(cfg: RunConfig) -> Job:
     """Mesh, data, model and state (restored from the run directory when it has a checkpoint)."""
+    run_dir = Path(cfg.train.output_dir)
+    check_output_dir(run_dir)
     distributed.initialize(cfg.distributed)
     mesh = sharding.make_mesh(cfg.mesh)
-    run_dir = Path(cfg.train.output_dir)
     model_dir = assets.resolve_model(cfg.model.name)
     task, splits = data.load_task(cfg.data, model_dir, train_batch_size=cfg.train.global_batch_size)
     if "train" not in splits:
@@ -200,11 +205,28 @@ def evaluate(job: Job, params: Any, split: str) -> dict:
                                    job.task.label_names)
 
 
+def check_output_dir(run_dir: Path) -> None:
+    """A run writes into a new folder, its own run directory, or a folder where none of its file names exist:
+    it never overwrites a file it did not write."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ConfigError(f"train.output_dir {run_dir} is a file; name a folder for the run")
+    config = run_dir / "config.yaml"
+    if config.is_file() and (config.read_text(errors="replace").startswith(CONFIG_HEADER)
+                             or (run_dir / CHECKPOINTS).is_dir()):  # the latter: runs of flaxclf before the header
+        return
+    clash = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if clash:
+        raise ConfigError(f"train.output_dir {run_dir} holds {', '.join(clash)}, which flaxclf did not write; use "
+                          "another train.output_dir (a new folder, or a flaxclf run directory)")
+
+
 def _write_run_files(job: Job) -> None:
     if jax.process_index() != 0:
         return
     job.run_dir.mkdir(parents=True, exist_ok=True)
-    (job.run_dir / "config.yaml").write_text(yaml.safe_dump(job.cfg.to_dict(), sort_keys=False))
+    (job.run_dir / "config.yaml").write_text(CONFIG_HEADER + yaml.safe_dump(job.cfg.to_dict(), sort_keys=False))
     labels = {"problem_type": job.model.config.problem_type, "id2label": job.model.config.id2label}
     (job.run_dir / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
 

@@ -218,7 +218,7 @@ def to_pt_state(params: dict) -> dict[str, np.ndarray]:
 def export_hf(folder: str | Path, config: ClassifierConfig, params: dict, tokenizer_dir: str | Path | None) -> Path:
     """Writes config.json, model.safetensors (PyTorch names) and the tokenizer files: a folder that
     BertForSequenceClassification.from_pretrained loads with no missing or unexpected keys."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     if config.pooling != HF_POOLING:
         raise WeightsError(f"pooling={config.pooling!r} has no PyTorch BertForSequenceClassification equivalent "
@@ -228,7 +228,8 @@ def export_hf(folder: str | Path, config: ClassifierConfig, params: dict, tokeni
 
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-        save_file(to_pt_state(params), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # Serialized in memory and written by Python, so a full disk is an OSError like any other file's.
+        (tmp / "model.safetensors").write_bytes(save(to_pt_state(params), metadata={"format": "pt"}))
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_dir) / name

@@ -78,7 +78,7 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 def _train_args(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["train", "--config", "configs/tiny.yaml", f"model.name={model_dir}", f"train.output_dir={run_dir}",
+    return ["train", "--config", ROOT / "configs/tiny.yaml", f"model.name={model_dir}", f"train.output_dir={run_dir}",
             "data.max_length=32", "data.buckets=[16,32]", "--no-progress", *extra]
 
 
@@ -206,6 +206,22 @@ def test_fresh_start_in_a_used_directory(tmp_path, tiny_model_dir):
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
 
 
+def test_train_never_overwrites_a_file_it_did_not_write(tmp_path, tiny_model_dir):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.yaml").write_text("my: settings\n")
+    (project / "notes.md").write_text("mine")
+    before = tree_hash(project)
+    _refused(flaxclf(*_train_args(tiny_model_dir, project, "train.max_steps=2")), "train", str(project),
+             "holds config.yaml, which flaxclf did not write")
+    assert tree_hash(project) == before
+    (project / "config.yaml").unlink()
+    _ok(flaxclf(*_train_args(tiny_model_dir, ".", "train.max_steps=2", "train.eval_every=2"), cwd=project))
+    assert (project / "notes.md").read_text() == "mine" and (project / "export" / "model.safetensors").is_file()
+    again = _ok(flaxclf(*_train_args(tiny_model_dir, ".", "train.max_steps=2", "train.eval_every=2"), cwd=project))
+    assert "resumed from" in again.stdout
+
+
 # ---------------------------------------------------------------------------------------------- export
 
 
@@ -247,6 +263,20 @@ def test_export_into_every_kind_of_folder(early_best_run, tmp_path):
     _refused(flaxclf("export", run, tmp_path / "a-file"), "export", "is a file")
     assert (tmp_path / "a-file").read_text() == "x"
     assert not [p for p in tmp_path.rglob("*flaxclf-export.tmp*")]
+
+
+def test_export_onto_a_full_disk_leaves_nothing_behind(early_best_run, tmp_path):
+    """A disk that fills up mid-export (simulated with a file-size limit): one line, no half-written folder."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    p = subprocess.run(_cmd("export", early_best_run, "out"), capture_output=True, text=True, cwd=tmp_path,
+                       env=_env(), preexec_fn=limit_file_size, timeout=300)
+    _refused(p, "export", str(tmp_path / "out"), "File too large", "choose another folder")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_exports_load_in_pytorch(early_best_run):

@@ -245,8 +245,8 @@ def read_texts(path: str, fmt: str | None, text_column: str, pair_column: str | 
     else:
         file = Path(path).expanduser()
         if not file.is_file():
-            raise DataError(f"input file {path} {'is a folder' if file.is_dir() else 'does not exist'}; give the "
-                            f"path of a file")
+            what = "is a folder" if file.is_dir() else "is not a regular file" if file.exists() else "does not exist"
+            raise DataError(f"input file {path} {what}; give the path of a file")
         source, fmt, raw = path, fmt or EXTENSIONS.get(file.suffix.lower(), "lines"), file.read_bytes()
     if fmt not in INPUT_FORMATS:
         raise DataError(f"{source}: format {fmt!r} can't be read as input; use {', '.join(INPUT_FORMATS)}")
