@@ -267,14 +267,12 @@ def test_export_into_every_kind_of_folder(early_best_run, tmp_path):
 
 def test_export_onto_a_full_disk_leaves_nothing_behind(early_best_run, tmp_path):
     """A disk that fills up mid-export (simulated with a file-size limit): one line, no half-written folder."""
-    import resource
+    import shlex
 
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing
-        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-
-    p = subprocess.run(_cmd("export", early_best_run, "out"), capture_output=True, text=True, cwd=tmp_path,
-                       env=_env(), preexec_fn=limit_file_size, timeout=300)
+    # SIGXFSZ ignored: a write past the limit then fails with EFBIG instead of killing the process. A shell sets
+    # both, since a preexec_fn would fork this multithreaded (jax) process.
+    script = "ulimit -f 100; trap '' XFSZ; exec " + shlex.join(_cmd("export", early_best_run, "out"))
+    p = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=300)
     _refused(p, "export", str(tmp_path / "out"), "File too large", "choose another folder")
     assert list(tmp_path.iterdir()) == []
 
