@@ -213,9 +213,9 @@ def check_output_dir(run_dir: Path) -> None:
     if not run_dir.is_dir():
         raise ConfigError(f"train.output_dir {run_dir} is a file; name a folder for the run")
     config = run_dir / "config.yaml"
-    if config.is_file() and (config.read_text(errors="replace").startswith(CONFIG_HEADER)
-                             or (run_dir / CHECKPOINTS).is_dir()):  # the latter: runs of flaxclf before the header
-        return
+    if (run_dir / CHECKPOINTS).is_dir() or (config.is_file() and
+                                            config.read_text(errors="replace").startswith(CONFIG_HEADER)):
+        return  # a run directory (checkpoints are checked against this run before they are used)
     clash = [name for name in RUN_FILES if (run_dir / name).exists()]
     if clash:
         raise ConfigError(f"train.output_dir {run_dir} holds {', '.join(clash)}, which flaxclf did not write; use "
