@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ def _rows(split):
 
 
 def torch_reference(config: str, overrides: list[str]) -> dict:
-    """PyTorch's fine-tune; the process must have USE_TORCH=1 set before flaxclf was first imported (main())."""
+    """PyTorch's fine-tune with transformers' BertForSequenceClassification."""
     import numpy as np
     import torch
     import transformers
@@ -143,8 +142,6 @@ def main() -> None:
         print(json.dumps(ratio))
         results.append(ratio)
     else:
-        if a.only == "torch":  # before flaxclf is imported: it turns transformers' torch models off otherwise
-            os.environ["USE_TORCH"] = "1"
         from flaxclf.hostmem import keep_freed_memory
 
         keep_freed_memory()

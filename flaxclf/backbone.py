@@ -1,35 +1,55 @@
-"""The one adapter to transformers: BERT's Flax modules and its config. Another backbone would replace this file."""
+"""BERT's config as flaxclf reads and writes it (config.json, no transformers needed), and the one adapter to
+transformers' Flax modules, imported only when model.impl=hf asks for them."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import logging
-import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-# transformers warns on import of its Flax modules that Flax is deprecated: a known fact (Flax was removed in
-# transformers v5, hence the <5 pin), so the notice is silenced for that one import.
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-# transformers imports torch eagerly whenever it is installed (seconds and hundreds of MB for nothing here).
-# flaxclf never uses torch, so unless the user said otherwise it is kept out; set USE_TORCH=1, or import
-# transformers before flaxclf, to use transformers' PyTorch models in the same process.
-os.environ.setdefault("USE_TORCH", "0")
+# The last transformers line with Flax BERT (model.impl=hf, the reference the fast encoder is tested against).
+HF_FLAX_MAJOR = 4
 
-import transformers  # noqa: E402
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    _tf_logger = logging.getLogger("transformers")
-    _level = _tf_logger.level
-    _tf_logger.setLevel(logging.ERROR)
-    from transformers.models.bert.modeling_flax_bert import FlaxBertModule, FlaxBertPooler  # noqa: E402
-    _tf_logger.setLevel(_level)
+def transformers_version() -> str | None:
+    """The installed transformers' version, read without importing it (None when it is not installed)."""
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
-__all__ = ["BertSpec", "FlaxBertModule", "FlaxBertPooler", "read_hf_config", "transformers_version"]
 
-transformers_version = transformers.__version__
+def hf_flax_problem() -> str | None:
+    """Why transformers' FlaxBertModule can't be used here, in one sentence; None when it can."""
+    version = transformers_version()
+    if version is None:
+        return "model.impl=hf needs transformers 4.x (its Flax BERT); it is not installed: use model.impl=fast"
+    if int(version.split(".")[0]) > HF_FLAX_MAJOR:
+        return (f"model.impl=hf needs transformers 4.x (Flax was removed in v5.0) but {version} is installed; use "
+                "model.impl=fast, or pip install 'transformers<5'")
+    return None
+
+
+def hf_flax_bert_module() -> type:
+    """transformers' FlaxBertModule, imported on first use: only model.impl=hf needs it."""
+    problem = hf_flax_problem()
+    if problem is not None:
+        raise ImportError(problem)
+    with warnings.catch_warnings():  # its notice that Flax is deprecated is known (see HF_FLAX_MAJOR)
+        warnings.simplefilter("ignore")
+        logger = logging.getLogger("transformers")
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            from transformers.models.bert.modeling_flax_bert import FlaxBertModule
+        finally:
+            logger.setLevel(level)
+    return FlaxBertModule
 
 
 @dataclass(frozen=True)
@@ -51,23 +71,36 @@ class BertSpec:
     pad_token_id: int = 0
 
     @classmethod
-    def from_hf_config(cls, hf: transformers.BertConfig) -> BertSpec:
-        if getattr(hf, "position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"position_embedding_type={hf.position_embedding_type!r} is not supported; "
-                             "flaxclf's Flax BERT backbone has absolute position embeddings only")
-        return cls(**{k: getattr(hf, k) for k in asdict(cls()).keys()})
+    def from_hf(cls, hf: Mapping[str, Any]) -> BertSpec:
+        """From a config.json's fields; a field it leaves out takes BertConfig's default, as transformers does."""
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"position_embedding_type={hf['position_embedding_type']!r} is not supported; "
+                             "flaxclf's BERT has absolute position embeddings only")
+        return cls(**{k: hf.get(k, v) for k, v in asdict(cls()).items()})
 
-    def to_hf_config(self, **extra: Any) -> transformers.BertConfig:
-        return transformers.BertConfig(**asdict(self), **extra)
+    def to_hf(self, **extra: Any) -> dict[str, Any]:
+        """The fields of a config.json that transformers' BertConfig reads as this encoder."""
+        return {"model_type": "bert", **asdict(self), "position_embedding_type": "absolute", **extra}
+
+    def to_hf_config(self, **extra: Any):
+        """A transformers.BertConfig (transformers is imported here: only its own models need one)."""
+        import transformers
+
+        return transformers.BertConfig(**{k: v for k, v in self.to_hf(**extra).items() if k != "model_type"})
 
 
-def read_hf_config(folder: str | Path) -> transformers.BertConfig:
-    """config.json of a local HF folder as a BertConfig; other model types are refused with the type named."""
+def read_hf_config(folder: str | Path) -> dict[str, Any]:
+    """config.json of a local HF folder; other model types are refused with the type named."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json; point at a Hugging Face model folder")
-    hf = transformers.BertConfig.from_json_file(str(path))
-    model_type = getattr(hf, "model_type", "bert")
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); save the model again with save_pretrained") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} holds a {type(hf).__name__}, not a config object")
+    model_type = hf.get("model_type", "bert")
     if model_type != "bert":
         raise ValueError(f"{path} is a {model_type!r} model; flaxclf loads BERT checkpoints (model_type 'bert')")
     return hf

@@ -295,7 +295,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _quiet(verbose: bool) -> None:
     """Known framework noise off unless --verbose: absl/orbax info lines and transformers' advisories (its Flax
-    deprecation notice is known: Flax BERT was removed in transformers v5, hence the <5 pin)."""
+    deprecation notice is known: Flax BERT was removed in transformers v5, hence model.impl=hf needs 4.x)."""
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(name)s: %(message)s")
     logging.getLogger("flaxclf").setLevel(logging.INFO)

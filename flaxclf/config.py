@@ -13,6 +13,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from flaxclf.backbone import hf_flax_problem
 from flaxclf.vocab import HF_POOLING, FileFormat, Impl, Pooling, ProblemType
 
 
@@ -296,6 +297,8 @@ def validate(cfg: RunConfig) -> None:
     _check(0.0 <= o.warmup_ratio <= 1.0, f"optim.warmup_ratio: {o.warmup_ratio} must be in [0, 1]")
     _check(o.learning_rate > 0, f"optim.learning_rate: {o.learning_rate} must be positive")
     _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm must be positive or null")
+    hf_problem = hf_flax_problem() if cfg.model.impl == "hf" else None
+    _check(hf_problem is None, hf_problem or "")
     cd = cfg.model.classifier_dropout
     _check(cd is None or 0.0 <= cd < 1.0, f"model.classifier_dropout: {cd} must be in [0, 1) or null")
     sizes = [m.data, m.fsdp, m.tensor]

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxclf.backbone import BertSpec, FlaxBertModule, FlaxBertPooler
+from flaxclf.backbone import BertSpec, hf_flax_bert_module
 from flaxclf.fast_bert import FastBertModule
 from flaxclf.vocab import CLS_POOLINGS, HF_POOLING, IMPLS, POOLINGS, PROBLEM_TYPES, REGRESSION, Pooling
 
@@ -51,27 +51,51 @@ class ClassifierConfig:
         return replace(self, **changes)
 
     @classmethod
-    def from_hf_config(cls, hf: Any, **overrides: Any) -> ClassifierConfig:
-        """From a transformers BertConfig; its num_labels/id2label/problem_type/classifier_dropout are defaults."""
-        names = tuple(hf.id2label[i] for i in sorted(hf.id2label)) if getattr(hf, "id2label", None) else ()
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> ClassifierConfig:
+        """From a config.json's fields; its num_labels/id2label/problem_type/classifier_dropout are defaults."""
+        id2label = {int(k): v for k, v in (hf.get("id2label") or {}).items()}
+        names = tuple(id2label[i] for i in sorted(id2label))
+        # As PretrainedConfig: id2label fixes num_labels; without either a head has 2 outputs.
+        num_labels = len(names) or hf.get("num_labels") or 2
         if names and all(n == f"LABEL_{i}" for i, n in enumerate(names)):
             names = ()  # HF's placeholder names carry no information
-        fields = dict(backbone=BertSpec.from_hf_config(hf), num_labels=hf.num_labels, label_names=names,
-                      problem_type=getattr(hf, "problem_type", None),
-                      classifier_dropout=getattr(hf, "classifier_dropout", None))
+        fields = dict(backbone=BertSpec.from_hf(hf), num_labels=num_labels, label_names=names,
+                      problem_type=hf.get("problem_type"), classifier_dropout=hf.get("classifier_dropout"))
         fields.update({k: v for k, v in overrides.items()})
         if "num_labels" in overrides and "label_names" not in overrides and \
                 len(fields["label_names"]) != fields["num_labels"]:
             fields["label_names"] = ()
         return cls(**fields)
 
+    def to_hf(self) -> dict[str, Any]:
+        """config.json's fields, as PyTorch's BertForSequenceClassification.from_pretrained reads this classifier.
+        HF keeps num_labels implicit in id2label; it is written out too so that people and other tools see it."""
+        id2label = {str(k): v for k, v in self.id2label.items()}
+        return self.backbone.to_hf(
+            architectures=["BertForSequenceClassification"], num_labels=self.num_labels, id2label=id2label,
+            label2id={v: int(k) for k, v in id2label.items()}, problem_type=self.problem_type,
+            classifier_dropout=self.classifier_dropout)
+
     def to_hf_config(self):
-        """A BertConfig that PyTorch's BertForSequenceClassification.from_pretrained reads as this classifier."""
-        id2label = self.id2label
-        return self.backbone.to_hf_config(
-            num_labels=self.num_labels, id2label=id2label, label2id={v: k for k, v in id2label.items()},
-            problem_type=self.problem_type, classifier_dropout=self.classifier_dropout,
-            architectures=["BertForSequenceClassification"])
+        """The same as a transformers.BertConfig (imports transformers: for its own models)."""
+        return self.backbone.to_hf_config(**{k: v for k, v in self.to_hf().items() if k in _HEAD_FIELDS})
+
+
+_HEAD_FIELDS = ("architectures", "num_labels", "id2label", "label2id", "problem_type", "classifier_dropout")
+
+
+class Pooler(nn.Module):
+    """BERT's pooler, tanh(dense(h[:, 0])), with the parameter names (pooler/dense) and init of transformers'."""
+
+    hidden_size: int
+    initializer_range: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden_BxLxD: jax.Array) -> jax.Array:
+        dense = nn.Dense(self.hidden_size, dtype=self.dtype, name="dense",
+                         kernel_init=jax.nn.initializers.normal(self.initializer_range))
+        return jnp.tanh(dense(hidden_BxLxD[:, 0]))
 
 
 def pool(hidden_BxLxD: jax.Array, mask_BxL: jax.Array, pooling: str) -> jax.Array:
@@ -101,14 +125,15 @@ class BertClassifier(nn.Module):
     def setup(self):
         if self.impl not in IMPLS:
             raise ValueError(f"impl {self.impl!r} is not known; use one of {', '.join(IMPLS)}")
-        hf = self.config.backbone.to_hf_config()
+        spec = self.config.backbone
         if self.impl == "fast":
-            self.bert = FastBertModule(self.config.backbone, dtype=self.dtype, remat=self.remat)
+            self.bert = FastBertModule(spec, dtype=self.dtype, remat=self.remat)
         else:
-            self.bert = FlaxBertModule(hf, dtype=self.dtype, add_pooling_layer=False,
-                                       gradient_checkpointing=self.remat)
+            flax_bert_module = hf_flax_bert_module()
+            self.bert = flax_bert_module(spec.to_hf_config(), dtype=self.dtype, add_pooling_layer=False,
+                                         gradient_checkpointing=self.remat)
         if self.config.pooling == HF_POOLING:
-            self.pooler = FlaxBertPooler(hf, dtype=self.dtype)  # tanh(dense(h[:, 0])), params pooler/dense
+            self.pooler = Pooler(spec.hidden_size, spec.initializer_range, dtype=self.dtype)
         self.dropout = nn.Dropout(rate=self.config.dropout_rate)
         init = jax.nn.initializers.normal(self.config.backbone.initializer_range)  # as HF's _init_weights
         self.classifier = nn.Dense(self.config.num_labels, dtype=self.dtype, kernel_init=init,

@@ -183,7 +183,10 @@ def from_pretrained(name_or_path: str, num_labels: int | None = None, *, label_n
 
 def classifier_config(folder: str | Path, **overrides: Any) -> ClassifierConfig:
     """The classifier described by a folder's config.json, with `overrides` (num_labels, pooling, ...)."""
-    return ClassifierConfig.from_hf_config(read_hf_config(folder), **overrides)
+    try:
+        return ClassifierConfig.from_hf(read_hf_config(folder), **overrides)
+    except (OSError, ValueError) as e:  # a config.json that is missing, unreadable, or of another model
+        raise WeightsError(str(e)) from None
 
 
 def load_params(model: BertClassifier, folder: str | Path, rng: jax.Array) -> dict:
@@ -223,8 +226,7 @@ def export_hf(folder: str | Path, config: ClassifierConfig, params: dict, tokeni
     if config.pooling != HF_POOLING:
         raise WeightsError(f"pooling={config.pooling!r} has no PyTorch BertForSequenceClassification equivalent "
                            "(it always uses the tanh pooler); export needs pooling=cls_pooler")
-    # HF keeps num_labels implicit in id2label; it is written out too so that people and other tools see it.
-    hf = {**config.to_hf_config().to_dict(), "num_labels": config.num_labels}
+    hf = config.to_hf()
 
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")

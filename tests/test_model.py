@@ -135,8 +135,59 @@ def test_remat_gives_the_same_gradients(tmp_path):
         np.testing.assert_allclose(a, r, atol=1e-6)
 
 
-def test_importing_flaxclf_does_not_import_torch():
-    code = "import sys, flaxclf, flaxclf.model, flaxclf.weights, flaxclf.losses; print('torch' in sys.modules)"
+def test_importing_flaxclf_leaves_the_process_alone():
+    """No transformers, no torch, no environment variable set: importing a library must not change a process."""
+    code = ("import os, sys; before = dict(os.environ); import flaxclf, flaxclf.cli, flaxclf.train, flaxclf.predict; "
+            "print('transformers' in sys.modules, 'torch' in sys.modules, dict(os.environ) == before)")
     env = {k: v for k, v in __import__("os").environ.items() if k != "USE_TORCH"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "False False True"
+
+
+def test_pooler_equals_transformers_flax_pooler():
+    """flaxclf's pooler has FlaxBertPooler's parameter names, initial values and output."""
+    from transformers.models.bert.modeling_flax_bert import FlaxBertPooler
+
+    from flaxclf.backbone import BertSpec
+    from flaxclf.model import Pooler
+
+    spec = BertSpec(**TINY)
+    h = jax.random.normal(jax.random.PRNGKey(1), (3, 5, spec.hidden_size))
+    ours, theirs = Pooler(spec.hidden_size, spec.initializer_range), FlaxBertPooler(spec.to_hf_config())
+    p_ours, p_theirs = ours.init(jax.random.PRNGKey(0), h), theirs.init(jax.random.PRNGKey(0), h)
+    assert jax.tree.map(np.shape, p_ours) == jax.tree.map(np.shape, p_theirs)
+    for a, b in zip(jax.tree.leaves(p_ours), jax.tree.leaves(p_theirs), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(ours.apply(p_ours, h), theirs.apply(p_theirs, h))
+
+
+def test_config_json_reads_as_transformers_reads_it(tmp_path):
+    """config.json -> ClassifierConfig without transformers, equal to the path through transformers.BertConfig,
+    fields left out included (they take BertConfig's defaults); and back to a config.json transformers reads."""
+    from flaxclf.backbone import BertSpec, read_hf_config
+
+    hf = transformers.BertConfig(**TINY, id2label={0: "neg", 1: "pos", 2: "mid"}, problem_type=SINGLE)
+    hf.save_pretrained(tmp_path)
+    ours = ClassifierConfig.from_hf(read_hf_config(tmp_path))
+    assert ours.backbone == BertSpec(**{k: getattr(hf, k) for k in BertSpec.__dataclass_fields__})
+    assert (ours.num_labels, ours.label_names, ours.problem_type) == (3, ("neg", "pos", "mid"), SINGLE)
+    (tmp_path / "config.json").write_text('{"model_type": "bert", "hidden_size": 32}')
+    sparse = ClassifierConfig.from_hf(read_hf_config(tmp_path))
+    default = transformers.BertConfig(hidden_size=32)
+    assert sparse.backbone == BertSpec(**{k: getattr(default, k) for k in BertSpec.__dataclass_fields__})
+    assert sparse.num_labels == default.num_labels == 2
+    back = transformers.BertConfig.from_dict(ours.to_hf())
+    assert back.id2label == {0: "neg", 1: "pos", 2: "mid"} and back.label2id["mid"] == 2 and back.num_labels == 3
+    assert ClassifierConfig.from_hf(ours.to_hf()) == ours
+
+
+def test_impl_hf_is_refused_in_one_sentence_under_transformers_5(monkeypatch):
+    from flaxclf import backbone
+    from flaxclf.config import ConfigError, load_config
+
+    monkeypatch.setattr(backbone, "transformers_version", lambda: "5.23.0")
+    with pytest.raises(ConfigError, match=r"^model.impl=hf needs transformers 4.x \(Flax was removed in v5.0\) "
+                                          r"but 5.23.0 is installed; use model.impl=fast"):
+        load_config(None, ["model.impl=hf"])
+    with pytest.raises(ImportError, match="5.23.0 is installed"):
+        backbone.hf_flax_bert_module()
