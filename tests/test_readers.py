@@ -25,9 +25,18 @@ _CHARS = st.one_of(_TRICKY, st.characters(blacklist_categories=("Cs",), blacklis
 TEXTS = st.text(_CHARS, min_size=1, max_size=24).filter(str.strip)
 LABELS = st.sampled_from(["pos", "neg", "a, b", 'say "hi"', "tab\there", "\u00fcn\u00efcode", " padded "])
 ROWS = st.lists(st.tuples(TEXTS, TEXTS, LABELS), min_size=1, max_size=8)
-# Before 3.11.9 csv.writer left a bare \r unquoted unless it was in lineterminator (CPython gh-67044), and pandas
-# writes with "\n": such a file splits the field there, in pandas' read_csv as in the csv module.
-_BARE_CR_UNQUOTED = sys.version_info < (3, 11, 9)
+
+
+def _csv_quotes_a_bare_cr() -> bool:
+    """Older csv.writers left a bare \r unquoted unless it was in lineterminator (CPython gh-67044; fixed in
+    3.11.9 and in a later 3.12 patch, so it is probed, not read off the version). pandas writes with "\n": such
+    a file splits the field there, in pandas' read_csv as in the csv module."""
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerow(["a\rb"])
+    return out.getvalue().startswith('"')
+
+
+_BARE_CR_UNQUOTED = not _csv_quotes_a_bare_cr()
 
 
 def _write_all(folder: Path, rows: list[tuple[str, str, str]]) -> dict[str, Path]:

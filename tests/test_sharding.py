@@ -2,16 +2,15 @@
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
-from transformers import BertConfig
-from transformers.models.bert.modeling_flax_bert import FlaxBertModule
 
+from flaxclf.backbone import BertSpec
 from flaxclf.config import MeshConfig
+from flaxclf.model import BertClassifier, ClassifierConfig
 from flaxclf.sharding import (
     batch_sharding,
     make_mesh,
@@ -21,42 +20,18 @@ from flaxclf.sharding import (
     tree_shardings,
 )
 
-SMALL = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                   intermediate_size=64, max_position_embeddings=64)
-
-
-class _Pooler(nn.Module):
-    hidden_size: int
-
-    @nn.compact
-    def __call__(self, h):
-        return jnp.tanh(nn.Dense(self.hidden_size, name="dense")(h[:, 0]))
-
-
-class _Classifier(nn.Module):
-    """Test-only stand-in with the param tree of the flaxclf classifier."""
-
-    config: BertConfig
-    num_labels: int = 3
-
-    def setup(self):
-        self.bert = FlaxBertModule(self.config, add_pooling_layer=False)
-        self.pooler = _Pooler(self.config.hidden_size)
-        self.classifier = nn.Dense(self.num_labels)
-
-    def __call__(self, ids):
-        h = self.bert(ids, jnp.ones_like(ids), jnp.zeros_like(ids), jnp.zeros_like(ids), None,
-                      deterministic=True)[0]
-        return self.classifier(self.pooler(h))
+SMALL = BertSpec(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=64, max_position_embeddings=64)
 
 
 def _init(model, rng):
-    return model.init(rng, jnp.ones((2, 8), jnp.int32))
+    ids = jnp.ones((2, 8), jnp.int32)
+    return model.init(rng, ids, jnp.ones_like(ids), jnp.zeros_like(ids))
 
 
 @pytest.fixture(scope="module")
 def model():
-    return _Classifier(SMALL)
+    return BertClassifier(ClassifierConfig(backbone=SMALL, num_labels=3))
 
 
 @pytest.fixture(scope="module")

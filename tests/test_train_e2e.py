@@ -57,6 +57,7 @@ def test_summary_has_validation_and_test_accuracy(finished_run):
 
 
 def test_export_loads_in_pytorch_with_no_missing_keys(finished_run):
+    pytest.importorskip("torch", reason="the PyTorch reference is not installed in this environment")
     import transformers
 
     out, summary, _ = finished_run
