@@ -149,7 +149,11 @@ def setup(cfg: RunConfig) -> Job:
         discard(run_dir)
     multihost_utils.sync_global_devices("flaxclf:fresh")
     ckpt = Checkpointer(run_dir / CHECKPOINTS, cfg.checkpoint, f"validation/{cfg.train.best_metric}")
-    restored = _restore(ckpt, abstract, shardings, cfg, task, run_dir)
+    try:
+        restored = _restore(ckpt, abstract, shardings, cfg, task, run_dir)
+    except BaseException:
+        ckpt.close()  # a refused run must not leave orbax's threads to fail (and print) at interpreter exit
+        raise
     best = {"value": None, "step": None}
     if restored is None:
         host = weights.load_params(model, model_dir, jax.random.PRNGKey(cfg.train.seed))
