@@ -193,13 +193,13 @@ RESUME_KEYS = ("model.name", "model.pooling", "model.problem_type", "model.param
                "train.global_batch_size", "train.seed")
 
 
+_ABSENT = object()
+
+
 def _get(d: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         d = d.get(part, _ABSENT) if isinstance(d, dict) else _ABSENT
     return d
-
-
-_ABSENT = object()
 
 
 def resume_changes(saved: dict, now: RunConfig) -> list[str]:

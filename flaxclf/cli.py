@@ -93,14 +93,6 @@ def _evaluate(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- predict
 
 
-def _read_inputs(path: str, fmt: str | None, text_column: str, pair_column: str | None,
-                 ) -> tuple[list[str], list[str] | None]:
-    """Texts (and pairs) from a file or stdin ("-"): lines, CSV/TSV with a header, JSONL or Parquet."""
-    from flaxclf.data import read_texts
-
-    return read_texts(path, fmt, text_column, pair_column)
-
-
 def _write_predictions(rows: list[dict], out, fmt: str, pairs: list[str] | None) -> None:
     if pairs is not None:
         rows = [{"text": r["text"], "text_pair": p, **{k: v for k, v in r.items() if k != "text"}}
@@ -122,8 +114,9 @@ def _write_predictions(rows: list[dict], out, fmt: str, pairs: list[str] | None)
 
 def _predict(args: argparse.Namespace) -> int:
     from flaxclf import predict
+    from flaxclf.data import read_texts
 
-    texts, pairs = _read_inputs(args.input, args.input_format, args.text_column, args.text_pair_column)
+    texts, pairs = read_texts(args.input, args.input_format, args.text_column, args.text_pair_column)
     loaded = predict.load(args.model, step=args.step, max_length=args.max_length)
     for note in loaded.notes:
         print(f"flaxclf predict: note: {note}", file=sys.stderr)
@@ -290,6 +283,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0, help="seed of the perturbation directions (default: 0)")
     i.add_argument("--json", metavar="FILE", help="also write the measurements as JSON; '-' prints only the JSON")
     i.set_defaults(fn=_inspect)
+    p.commands = sub.choices  # name -> the command's own parser (_parse hands it the command's arguments)
     return p
 
 
@@ -327,7 +321,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     the command in its errors."""
     parser = _parser()
     at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
-    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse keeps them only there
+    commands = parser.commands
     if at is None or argv[at] not in commands:
         return parser.parse_args(argv)  # help, or the error naming the commands
     args = commands[argv[at]].parse_intermixed_args(argv[:at] + argv[at + 1:])

@@ -33,8 +33,9 @@ def umask() -> int:
 def apply_umask(path: Path) -> None:
     """Gives a file or folder the mode a plain open()/mkdir() would have: some writers (safetensors, mkstemp,
     mkdtemp) make them private, and teammates sharing a run folder could not read them."""
+    mask = umask()
     for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask())
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _listing(folder: Path) -> list[str]:

@@ -16,6 +16,7 @@ import numpy as np
 
 from flaxclf import assets, data, weights
 from flaxclf.config import DataConfig, RunConfig, from_dict
+from flaxclf.data import tokens
 from flaxclf.model import BertClassifier
 from flaxclf.vocab import HF_POOLING, MULTI, REGRESSION, SINGLE
 
@@ -74,7 +75,7 @@ def load(source: str, *, step: str | int | None = None, pooling: str | None = No
                              "train` run or a folder saved with save_pretrained")
     folder = assets.resolve_model(source)
     length = min(max_length or DEFAULT_MAX_LENGTH, data.max_positions(folder) or 512)
-    data.load_tokenizer(folder, length)  # a folder without its tokenizer is refused before its weights are read
+    tokens.require_tokenizer(folder)  # a folder without its tokenizer is refused before its weights are read
     overrides: dict[str, Any] = {"pooling": pooling or HF_POOLING}
     if num_labels is not None:
         overrides["num_labels"] = num_labels
@@ -129,14 +130,10 @@ def tokenize(model_dir: Path, texts: Sequence[str], pairs: Sequence[str] | None,
              ) -> data.TokenizedSplit:
     """Texts as a labelless TokenizedSplit (one process), ready for data.eval_batches."""
     tok = data.load_tokenizer(model_dir, max_length)
-    encs = tok.encode_batch(list(zip(texts, pairs, strict=True)) if pairs is not None else list(texts))
-    offsets = np.zeros(len(encs) + 1, np.int64)
-    np.cumsum([len(e.ids) for e in encs], out=offsets[1:])
-    ids = np.fromiter((i for e in encs for i in e.ids), np.int32, count=int(offsets[-1]))
-    types = np.fromiter((i for e in encs for i in e.type_ids), np.int8, count=int(offsets[-1]))
-    n = len(encs)
-    return data.TokenizedSplit("predict", ids, types, offsets, np.zeros(n, np.int32), np.arange(n), n, max_length,
-                               0, 1)
+    arrays = tokens.encode(tok, list(texts), list(pairs) if pairs is not None else None)
+    n = len(texts)
+    return data.TokenizedSplit("predict", arrays["input_ids"], arrays["token_type_ids"], arrays["offsets"],
+                               np.zeros(n, np.int32), np.arange(n), n, max_length, 0, 1)
 
 
 def _forward(model: BertClassifier):

@@ -182,9 +182,9 @@ def _restore(ckpt: Checkpointer, abstract, shardings, cfg: RunConfig, task: data
     None for a directory without checkpoints. Never silently starts over where checkpoints were."""
     aside = run_dir / (CHECKPOINTS + UNREADABLE_SUFFIX)
     if not ckpt.steps():
-        if moved_aside(run_dir):
+        if steps_aside := moved_aside(run_dir):
             raise CheckpointError(f"{run_dir} has no readable checkpoint left (unreadable ones, steps "
-                                  f"{', '.join(moved_aside(run_dir))}, were moved to {aside}); set "
+                                  f"{', '.join(steps_aside)}, were moved to {aside}); set "
                                   "checkpoint.fresh=true to start over, or use another train.output_dir")
         return None
     out = ckpt.restore(abstract, shardings,

@@ -210,10 +210,9 @@ def test_help_of_every_command():
 
 
 def test_read_inputs_names_the_missing_column(tmp_path):
-    from flaxclf.cli import _read_inputs
-    from flaxclf.data import DataError
+    from flaxclf.data import DataError, read_texts
 
     path = tmp_path / "x.jsonl"
     path.write_text('{"review": "fine"}\n')
     with pytest.raises(DataError, match=r"has no column 'text' \(--text-column\); its columns are 'review'"):
-        _read_inputs(str(path), None, "text", None)
+        read_texts(str(path), None, "text", None)

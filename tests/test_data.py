@@ -161,8 +161,8 @@ def test_tokenization_equals_bert_tokenizer_fast_on_rt_sample(rt, model_dir, hf_
 def test_second_load_hits_the_cache(tmp_path, model_dir, monkeypatch):
     train = _write(tmp_path, "t.csv", "text,label\nalpha beta,a\ngamma,b\n")
     calls = []
-    real = tokens._tokenize
-    monkeypatch.setattr(tokens, "_tokenize", lambda *a: calls.append(len(a[1])) or real(*a))
+    real = tokens.encode
+    monkeypatch.setattr(tokens, "encode", lambda *a: calls.append(len(a[1])) or real(*a))
     _, first = data.load_task(_cfg(tmp_path, train_file=train), model_dir)
     assert not first["train"].from_cache and len(list((tmp_path / "cache").glob("*.npz"))) == 1
     _, second = data.load_task(_cfg(tmp_path, train_file=train), model_dir)
@@ -297,8 +297,8 @@ def test_host_shares_are_disjoint_cover_all_and_tokenize_half(tmp_path, model_di
     lines = [f"row number {i}" + (" word" * (i % 7)) for i in range(101)]
     train = _write(tmp_path, "t.csv", "text,label\n" + "".join(f"{t},{i % 3}\n" for i, t in enumerate(lines)))
     tokenized = []
-    real = tokens._tokenize
-    monkeypatch.setattr(tokens, "_tokenize", lambda tok, texts, pairs: tokenized.append(len(texts)) or
+    real = tokens.encode
+    monkeypatch.setattr(tokens, "encode", lambda tok, texts, pairs: tokenized.append(len(texts)) or
                         real(tok, texts, pairs))
     shares = [data.load_task(_cfg(tmp_path, train_file=train), model_dir, process_index=p, process_count=2)[1]
               ["train"] for p in (0, 1)]

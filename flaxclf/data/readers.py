@@ -148,7 +148,7 @@ def _read_jsonl(source: str, text: str, wanted: list[str]) -> Table:
     return Table(source, cols, list(present), len(records), lines)
 
 
-def _read_parquet(source: str, file: Path | io.BytesIO, wanted: list[str]) -> Table:
+def _read_parquet(source: str, file: io.BytesIO, wanted: list[str]) -> Table:
     import pyarrow.parquet as pq
 
     try:
@@ -205,12 +205,17 @@ def read_table(path: Path, fmt: str | None, split: str, wanted: list[str]) -> Ta
         return _read_hf_disk(path, wanted, split)
     if path.is_dir():
         raise DataError(f"data.{split}_file: {path} is a folder, not a {fmt} file; name the file")
+    return _parse(str(path), fmt, path.read_bytes(), wanted)
+
+
+def _parse(source: str, fmt: str, raw: bytes, wanted: list[str]) -> Table:
+    """The `wanted` columns of a file's bytes in a tabular format (csv, tsv, jsonl, parquet)."""
     if fmt == "parquet":
-        return _read_parquet(str(path), path, wanted)
-    text = decode(path.read_bytes(), str(path))
+        return _read_parquet(source, io.BytesIO(raw), wanted)
+    text = decode(raw, source)
     if fmt == "jsonl":
-        return _read_jsonl(str(path), text, wanted)
-    return _read_delimited(str(path), text, wanted, "\t" if fmt == "tsv" else ",")
+        return _read_jsonl(source, text, wanted)
+    return _read_delimited(source, text, wanted, "\t" if fmt == "tsv" else ",")
 
 
 def read_rt_snippets(path: Path, say: Callable[[str], None]) -> dict[str, Table]:
@@ -257,13 +262,7 @@ def read_texts(path: str, fmt: str | None, text_column: str, pair_column: str | 
         if not texts:
             raise DataError(f"{source} has no text; give one text a line")
         return texts, None
-    wanted = [c for c in (text_column, pair_column) if c]
-    if fmt == "parquet":
-        table = _read_parquet(source, io.BytesIO(raw), wanted)
-    elif fmt == "jsonl":
-        table = _read_jsonl(source, decode(raw, source), wanted)
-    else:
-        table = _read_delimited(source, decode(raw, source), wanted, "\t" if fmt == "tsv" else ",")
+    table = _parse(source, fmt, raw, [c for c in (text_column, pair_column) if c])
     table.require([("--text-column", text_column), ("--text-pair-column", pair_column)])
     return ([_input_text(table, text_column, i) for i in range(table.num_rows)],
             [_input_text(table, pair_column, i) for i in range(table.num_rows)] if pair_column else None)

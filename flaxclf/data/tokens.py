@@ -33,11 +33,16 @@ def max_positions(model_dir: Path) -> int | None:
     return json.loads(path.read_text()).get("max_position_embeddings") if path.is_file() else None
 
 
-def load_tokenizer(model_dir: Path, max_length: int):
-    """The model's fast tokenizer (a `tokenizers.Tokenizer`) set to truncate to max_length, never pad."""
+def require_tokenizer(model_dir: Path) -> None:
+    """Refuses a model folder saved without its tokenizer (cheap: no file is parsed)."""
     if not any((model_dir / n).is_file() for n in ("tokenizer.json", "vocab.txt")):
         raise DataError(f"model folder {model_dir} has no tokenizer.json or vocab.txt; save the tokenizer "
                         f"with the model (tokenizer.save_pretrained)")
+
+
+def load_tokenizer(model_dir: Path, max_length: int):
+    """The model's fast tokenizer (a `tokenizers.Tokenizer`) set to truncate to max_length, never pad."""
+    require_tokenizer(model_dir)
     tok = _bert_tokenizer_json(model_dir)
     if tok is None:  # no tokenizer.json, or one that BertTokenizerFast would adjust: let transformers build it
         from transformers import AutoTokenizer
@@ -66,13 +71,13 @@ def _bert_tokenizer_json(model_dir: Path):
     return tok
 
 
-def _tokenize(tok, texts: list[str], pairs: list[str] | None) -> dict[str, np.ndarray]:
+def encode(tok, texts: list[str], pairs: list[str] | None) -> dict[str, np.ndarray]:
     """Encodes rows in chunks; returns the concatenated ids, type ids and row offsets."""
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast skips char offsets (tokenizers>=0.21)
+    encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast skips char offsets (tokenizers>=0.21)
     encs = []
     for start in range(0, len(texts), 4096):
         chunk = texts[start:start + 4096]
-        encs += encode(list(zip(chunk, pairs[start:start + 4096], strict=True)) if pairs is not None else chunk)
+        encs += encode_batch(list(zip(chunk, pairs[start:start + 4096], strict=True)) if pairs is not None else chunk)
     ids = [e.ids for e in encs]
     offsets = np.zeros(len(ids) + 1, np.int64)
     np.cumsum([len(x) for x in ids], out=offsets[1:])
@@ -132,7 +137,7 @@ def tokenize_cached(tok, tok_hash: str, texts: list[str], pairs: list[str] | Non
     if hit is not None and len(hit["offsets"]) == len(texts) + 1:
         return hit, True
     try:
-        arrays = _tokenize(tok, texts, pairs)
+        arrays = encode(tok, texts, pairs)
     except Exception as e:  # noqa: BLE001 - the Rust tokenizer raises plain Exception
         raise DataError(f"could not tokenize the {split} rows with max_length {max_length} ({e}); raise "
                         f"data.max_length") from None
