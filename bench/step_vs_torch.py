@@ -36,9 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-os.environ["USE_TORCH"] = "1"  # transformers' torch model is the reference
-
-from flaxclf.hostmem import keep_freed_memory  # noqa: E402
+from flaxclf.hostmem import keep_freed_memory
 
 # As the flaxclf command does, before any computation; torch shares the process and so the setting (it had
 # ~70k page faults a step without it, and none with it).

@@ -1,17 +1,20 @@
-"""Shared test set-up. The environment lines run before anything imports jax: 8 fake CPU devices for sharding,
-and torch-enabled transformers for the PyTorch reference tests."""
+"""Shared test set-up. The environment lines run before anything imports jax: 8 fake CPU devices for sharding."""
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# flaxclf keeps torch out of transformers unless told otherwise; the parity tests need transformers' torch
-# models as the reference, so transformers is imported here, first, with torch enabled.
-os.environ["USE_TORCH"] = "1"
+import json  # noqa: E402
 import pathlib  # noqa: E402
 
+# A deprecation warning raised from flaxclf's own code is an error (pyproject's filterwarnings does it in this
+# process); in the commands the tests start as well: -W names a module exactly, so each of flaxclf's is listed.
+_PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "flaxclf"
+os.environ["PYTHONWARNINGS"] = ",".join(
+    "error::DeprecationWarning:" + ".".join(p.relative_to(_PACKAGE.parent).with_suffix("").parts).removesuffix(
+        ".__init__") for p in sorted(_PACKAGE.rglob("*.py")))
+
 import pytest  # noqa: E402
-import transformers  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +44,7 @@ def tiny_model_dir(tmp_path_factory, minilm_dir) -> pathlib.Path:
     state = to_pt_state(init_params(model, jax.random.PRNGKey(0)))
     state = {k: v for k, v in state.items() if not k.startswith("classifier.")}  # a base BertModel checkpoint
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    spec.to_hf_config(architectures=["BertModel"]).to_json_file(str(folder / "config.json"))
+    (folder / "config.json").write_text(json.dumps(spec.to_hf(architectures=["BertModel"])))
     for name in TOKENIZER_FILES:
         if (minilm_dir / name).is_file():
             shutil.copy2(minilm_dir / name, folder / name)

@@ -45,7 +45,6 @@ COMMANDS = ("train", "evaluate", "predict", "export", "inspect")
 def _env() -> dict:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device: the 8 fake devices of conftest only slow a subprocess down
-    env.pop("USE_TORCH", None)  # the command itself never needs torch
     env["JAX_PLATFORMS"] = "cpu"
     return env
 

@@ -19,7 +19,6 @@ LABELS = ["very negative", "negative", "positive", "very positive"]  # rt-snippe
 def _env() -> dict:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device: the tests' 8 fake devices only slow a subprocess down
-    env.pop("USE_TORCH", None)  # the command itself never needs torch
     env["JAX_PLATFORMS"] = "cpu"
     return env
 

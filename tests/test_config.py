@@ -44,7 +44,7 @@ BAD_OVERRIDES = {
 def cli_runs():
     """`python train.py --config configs/tiny.yaml <bad override>` for each bad override, run side by side
     (each start pays the jax/transformers import)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("USE_TORCH", "XLA_FLAGS")}  # as a user runs it
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # as a user runs it
     procs = {o: subprocess.Popen([sys.executable, "train.py", "--config", "configs/tiny.yaml", o], cwd=ROOT, env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for o in BAD_OVERRIDES}

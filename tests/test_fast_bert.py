@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxclf.backbone import BertSpec, hf_flax_problem
+from flaxclf.backbone import BertSpec
 from flaxclf.model import BertClassifier, ClassifierConfig, init_params
+from tests.torch_ref import needs_hf_flax, needs_torch
 
 SPEC = BertSpec(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                 max_position_embeddings=64)
@@ -25,7 +26,7 @@ def loss_fn(model, b, train: bool):
     return lambda p: model.apply(p, **b, deterministic=not train, rngs=rngs).sum()
 
 
-@pytest.mark.skipif(hf_flax_problem() is not None, reason=str(hf_flax_problem()))
+@needs_hf_flax
 @pytest.mark.parametrize("pooling,remat,train", [("cls_pooler", False, True), ("cls_pooler", True, True),
                                                  ("cls_pooler", False, False), ("mean", False, True),
                                                  ("mean", False, False)])
@@ -120,7 +121,7 @@ def test_gelu_is_the_exact_gelu():
     in float64 (torch, double), values and derivatives over [-12, 12]. Errors are counted in fp32 spacings of
     max(|exact|, 1): torch's own fp32 GELU is off by up to 8.9 of them in values (1 + erf cancels near -3.5) and
     2.1 in derivatives here."""
-    torch = pytest.importorskip("torch")
+    torch = needs_torch()
     from flaxclf.fast_bert import _ACTIVATIONS
 
     gelu = _ACTIVATIONS["gelu"]

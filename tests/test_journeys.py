@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from tests.torch_ref import needs_torch
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -23,7 +25,6 @@ pytestmark = pytest.mark.slow
 def _env() -> dict:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
-    env.pop("USE_TORCH", None)
     env["JAX_PLATFORMS"] = "cpu"
     return env
 
@@ -278,7 +279,7 @@ def test_export_onto_a_full_disk_leaves_nothing_behind(early_best_run, tmp_path)
 
 
 def test_exports_load_in_pytorch(early_best_run):
-    torch = pytest.importorskip("torch")
+    torch = needs_torch()
     from transformers import AutoModelForSequenceClassification
 
     model, info = AutoModelForSequenceClassification.from_pretrained(str(early_best_run / "export"),

@@ -7,17 +7,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from flaxclf import losses
 from flaxclf.model import BertClassifier, ClassifierConfig, init_params
 from flaxclf.vocab import MULTI, REGRESSION, SINGLE
 from flaxclf.weights import from_pretrained
-from tests.torch_ref import TINY, batch, saved_torch_classifier, torch_logits
+from tests.torch_ref import (
+    IMPLS,
+    TINY,
+    batch,
+    needs_hf_flax,
+    needs_torch,
+    saved_classifier,
+    saved_torch_classifier,
+    torch_logits,
+)
 
 
-@pytest.mark.parametrize("impl", ["fast", "hf"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_parity_small_random_config(tmp_path, impl):
     ref = saved_torch_classifier(tmp_path)
     model, params = from_pretrained(str(tmp_path), impl=impl)
@@ -28,8 +35,11 @@ def test_parity_small_random_config(tmp_path, impl):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["fast", "hf"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_parity_real_minilm_with_padding_and_segments(minilm_dir, tmp_path, impl):
+    torch = needs_torch()
+    import transformers
+
     ref = transformers.BertForSequenceClassification.from_pretrained(minilm_dir, num_labels=4).eval()
     with torch.no_grad():
         ref.classifier.weight.normal_(0, 0.5)
@@ -112,7 +122,7 @@ def test_pooler_params_exist_only_where_used():
 
 
 def test_bf16_compute_keeps_fp32_params_and_fp32_logits(tmp_path):
-    saved_torch_classifier(tmp_path)
+    saved_classifier(tmp_path)
     model, params = from_pretrained(str(tmp_path), dtype=jnp.bfloat16)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
     b = {k: jnp.asarray(v) for k, v in batch(TINY["vocab_size"]).items()}
@@ -124,7 +134,7 @@ def test_bf16_compute_keeps_fp32_params_and_fp32_logits(tmp_path):
 
 
 def test_remat_gives_the_same_gradients(tmp_path):
-    saved_torch_classifier(tmp_path)
+    saved_classifier(tmp_path)
     b = {k: jnp.asarray(v) for k, v in batch(TINY["vocab_size"]).items()}
 
     def grads(remat):
@@ -139,11 +149,11 @@ def test_importing_flaxclf_leaves_the_process_alone():
     """No transformers, no torch, no environment variable set: importing a library must not change a process."""
     code = ("import os, sys; before = dict(os.environ); import flaxclf, flaxclf.cli, flaxclf.train, flaxclf.predict; "
             "print('transformers' in sys.modules, 'torch' in sys.modules, dict(os.environ) == before)")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "USE_TORCH"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False True"
 
 
+@needs_hf_flax
 def test_pooler_equals_transformers_flax_pooler():
     """flaxclf's pooler has FlaxBertPooler's parameter names, initial values and output."""
     from transformers.models.bert.modeling_flax_bert import FlaxBertPooler
@@ -164,6 +174,8 @@ def test_pooler_equals_transformers_flax_pooler():
 def test_config_json_reads_as_transformers_reads_it(tmp_path):
     """config.json -> ClassifierConfig without transformers, equal to the path through transformers.BertConfig,
     fields left out included (they take BertConfig's defaults); and back to a config.json transformers reads."""
+    import transformers
+
     from flaxclf.backbone import BertSpec, read_hf_config
 
     hf = transformers.BertConfig(**TINY, id2label={0: "neg", 1: "pos", 2: "mid"}, problem_type=SINGLE)
@@ -191,3 +203,20 @@ def test_impl_hf_is_refused_in_one_sentence_under_transformers_5(monkeypatch):
         load_config(None, ["model.impl=hf"])
     with pytest.raises(ImportError, match="5.23.0 is installed"):
         backbone.hf_flax_bert_module()
+
+
+def test_impl_hf_is_refused_by_the_command_under_the_installed_transformers_5(tmp_path):
+    """The real refusal, under the transformers this environment has: one line, the version named, exit 2."""
+    from flaxclf.backbone import transformers_version
+
+    version = transformers_version()
+    if version is None or int(version.split(".")[0]) < 5:
+        pytest.skip(f"transformers {version} has Flax BERT: test_parity_* compares impl=hf against PyTorch here")
+    from tests.test_cli import flaxclf
+
+    out = flaxclf("train", "--config", "configs/tiny.yaml", f"train.output_dir={tmp_path / 'run'}", "model.impl=hf")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"flaxclf train: error: model.impl=hf needs transformers 4.x (Flax was removed in v5.0) but {version} is "
+        "installed; use model.impl=fast, or pip install 'transformers<5'"]
+    assert not (tmp_path / "run").exists()

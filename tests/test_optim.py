@@ -4,28 +4,21 @@ import jax
 import numpy as np
 import optax
 import pytest
-import torch
-from transformers import BertConfig, BertForSequenceClassification, Trainer
-from transformers.optimization import (
-    get_constant_schedule_with_warmup,
-    get_cosine_schedule_with_warmup,
-    get_linear_schedule_with_warmup,
-)
 
 from flaxclf.config import OptimConfig
 from flaxclf.optim import decay_mask, lr_schedule, make_optimizer
 from flaxclf.sharding import path_str
-
-TORCH_SCHEDULES = {
-    "linear": lambda opt, w, t: get_linear_schedule_with_warmup(opt, w, t),
-    "cosine": lambda opt, w, t: get_cosine_schedule_with_warmup(opt, w, t),
-    "constant": lambda opt, w, t: get_constant_schedule_with_warmup(opt, w),
-}
+from tests.torch_ref import needs_torch
 
 
 def _torch_lrs(schedule: str, lr: float, warmup: int, total: int, n: int) -> list[float]:
+    torch = needs_torch()
+    from transformers import optimization as o
+
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    sched = TORCH_SCHEDULES[schedule](opt, warmup, total)
+    sched = {"linear": lambda: o.get_linear_schedule_with_warmup(opt, warmup, total),
+             "cosine": lambda: o.get_cosine_schedule_with_warmup(opt, warmup, total),
+             "constant": lambda: o.get_constant_schedule_with_warmup(opt, warmup)}[schedule]()
     lrs = []
     for _ in range(n):
         lrs.append(opt.param_groups[0]["lr"])
@@ -49,8 +42,8 @@ def test_zero_total_steps_is_a_clear_error():
         lr_schedule(OptimConfig(), 0)
 
 
-TINY = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=32, max_position_embeddings=16, num_labels=3)
+TINY = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=16, num_labels=3)
 
 
 def _flax_path(torch_name: str) -> tuple[list[str], bool]:
@@ -70,8 +63,11 @@ def _flax_path(torch_name: str) -> tuple[list[str], bool]:
 
 @pytest.fixture(scope="module")
 def torch_model():
+    torch = needs_torch()
+    from transformers import BertConfig, BertForSequenceClassification
+
     torch.manual_seed(0)
-    model = BertForSequenceClassification(TINY)
+    model = BertForSequenceClassification(BertConfig(**TINY))
     with torch.no_grad():  # nonzero biases and non-unit LayerNorm scales, so a wrong decay mask shows
         for p in model.parameters():
             p.add_(0.5 * torch.randn_like(p))
@@ -94,6 +90,8 @@ def _flat(tree) -> dict[str, np.ndarray]:
 
 
 def test_decay_mask_matches_hf_trainer(torch_model):
+    from transformers import Trainer
+
     names = [n for n, _ in torch_model.named_parameters()]
     hf_decay = set(Trainer.get_decay_parameter_names(None, torch_model))
     mask = _flat(decay_mask(_to_flax({n: np.zeros(1) for n in names})))
@@ -104,10 +102,14 @@ def test_decay_mask_matches_hf_trainer(torch_model):
 
 
 def test_three_steps_match_torch_adamw(torch_model):
+    import torch
+    from transformers import Trainer
+    from transformers.optimization import get_linear_schedule_with_warmup
+
     cfg = OptimConfig(learning_rate=1e-2, weight_decay=0.1, warmup_ratio=0.2, schedule="linear",
                       max_grad_norm=1.0)
     total = 10
-    model = BertForSequenceClassification(TINY)
+    model = type(torch_model)(torch_model.config)
     model.load_state_dict(torch_model.state_dict())
     decay = set(Trainer.get_decay_parameter_names(None, model))
     named = dict(model.named_parameters())

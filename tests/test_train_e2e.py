@@ -10,6 +10,7 @@ from flaxclf.config import load_config
 from flaxclf.data import load_task
 from flaxclf.runlog import read_records
 from flaxclf.train import TrainingError, run
+from tests.torch_ref import needs_torch
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +58,7 @@ def test_summary_has_validation_and_test_accuracy(finished_run):
 
 
 def test_export_loads_in_pytorch_with_no_missing_keys(finished_run):
-    pytest.importorskip("torch", reason="the PyTorch reference is not installed in this environment")
+    needs_torch()
     import transformers
 
     out, summary, _ = finished_run
