@@ -1,4 +1,4 @@
-"""BERT's config as flaxclf reads and writes it (config.json, no transformers needed), and the one adapter to
+"""An encoder's config as flaxclf reads and writes it (config.json, no transformers needed), and the one adapter to
 transformers' Flax modules, imported only when model.impl=hf asks for them."""
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from flaxclf.families import MODEL_TYPES, Family, family_of
 
 # The last transformers line with Flax BERT (model.impl=hf, the reference the fast encoder is tested against).
 HF_FLAX_MAJOR = 4
@@ -54,7 +56,8 @@ def hf_flax_bert_module() -> type:
 
 @dataclass(frozen=True)
 class BertSpec:
-    """The shape and regularization of a BERT encoder: the fields of HF's BertConfig that the math uses."""
+    """The shape and regularization of an encoder: the fields of HF's configs that the math uses. model_type
+    picks the family (flaxclf.families): what its embeddings, layers and head do differently from BERT's."""
 
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -69,24 +72,77 @@ class BertSpec:
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
+    model_type: str = "bert"
+    embedding_size: int | None = None  # ELECTRA, ALBERT: the factorized embedding width (None: hidden_size)
+    num_hidden_groups: int = 1  # ALBERT: weight sets shared by the num_hidden_layers positions
+
+    def __post_init__(self):
+        family_of(self.model_type)  # raises, naming the supported types
+        if self.num_hidden_layers % self.num_hidden_groups:
+            raise ValueError(f"num_hidden_groups {self.num_hidden_groups} does not divide num_hidden_layers "
+                             f"{self.num_hidden_layers}")
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.model_type)
+
+    @property
+    def embedding_width(self) -> int:
+        return self.hidden_size if self.embedding_size is None else self.embedding_size
+
+    @property
+    def projects_embeddings(self) -> bool:
+        how = self.family.embedding_project
+        return how == "always" or (how == "if_smaller" and self.embedding_width != self.hidden_size)
+
+    @property
+    def max_length(self) -> int:
+        """The longest input: RoBERTa's positions start after padding_idx, so pad_token_id + 1 rows are unused."""
+        offset = self.pad_token_id + 1 if self.family.positions_from_padding else 0
+        return self.max_position_embeddings - offset
+
+    def layer_params(self) -> list[int]:
+        """The weight set each layer position uses: its own, or ALBERT's group int(i / (layers / groups))."""
+        n, g = self.num_hidden_layers, self.num_hidden_groups
+        return [int(i / (n / g)) for i in range(n)] if self.family.shared_layers else list(range(n))
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> BertSpec:
-        """From a config.json's fields; a field it leaves out takes BertConfig's default, as transformers does."""
-        if hf.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"position_embedding_type={hf['position_embedding_type']!r} is not supported; "
-                             "flaxclf's BERT has absolute position embeddings only")
-        return cls(**{k: hf.get(k, v) for k, v in asdict(cls()).items()})
+        """From a config.json's fields; a field it leaves out takes its config class's default, as transformers
+        does. Variants of a family that flaxclf does not compute are refused, naming the setting."""
+        model_type = hf.get("model_type", "bert")
+        family = family_of(model_type)
+        refused = {"position_embedding_type": "absolute", "sinusoidal_pos_embds": False, "inner_group_num": 1}
+        for key, supported in refused.items():
+            if hf.get(key, supported) != supported:
+                raise ValueError(f"{key}={hf[key]!r} is not supported; flaxclf's {family.name} has {key}="
+                                 f"{supported!r} only")
+        defaults = {**asdict(cls()), **family.defaults_for(model_type), "model_type": model_type}
+        fields = {k: hf.get(family.hf_key(k), v) for k, v in defaults.items() if k != "model_type"}
+        if family.embedding_project == "never":
+            fields["embedding_size"] = None
+        return cls(**fields, model_type=model_type)
 
     def to_hf(self, **extra: Any) -> dict[str, Any]:
-        """The fields of a config.json that transformers' BertConfig reads as this encoder."""
-        return {"model_type": "bert", **asdict(self), "position_embedding_type": "absolute", **extra}
+        """The fields of a config.json that transformers' config class for model_type reads as this encoder."""
+        family = self.family
+        skip = {"model_type", *family.unused}
+        if family.embedding_project == "never":
+            skip.add("embedding_size")
+        if not family.shared_layers:
+            skip.add("num_hidden_groups")
+        out = {family.hf_key(k): v for k, v in asdict(self).items() if k not in skip}
+        if family.embedding_project != "never":
+            out["embedding_size"] = self.embedding_width
+        if family.name != "distilbert":
+            out["position_embedding_type"] = "absolute"
+        return {"model_type": self.model_type, **out, **extra}
 
     def to_hf_config(self, **extra: Any):
-        """A transformers.BertConfig (transformers is imported here: only its own models need one)."""
+        """The transformers config object of model_type (transformers is imported here: only its models need one)."""
         import transformers
 
-        return transformers.BertConfig(**{k: v for k, v in self.to_hf(**extra).items() if k != "model_type"})
+        return transformers.AutoConfig.for_model(**self.to_hf(**extra))
 
 
 def read_hf_config(folder: str | Path) -> dict[str, Any]:
@@ -101,6 +157,6 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
     if not isinstance(hf, dict):
         raise ValueError(f"{path} holds a {type(hf).__name__}, not a config object")
     model_type = hf.get("model_type", "bert")
-    if model_type != "bert":
-        raise ValueError(f"{path} is a {model_type!r} model; flaxclf loads BERT checkpoints (model_type 'bert')")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{path} is a {model_type!r} model; flaxclf loads {', '.join(sorted(MODEL_TYPES))}")
     return hf

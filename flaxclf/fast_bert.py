@@ -47,7 +47,7 @@ def _gelu_erf(x: jax.Array) -> jax.Array:
     return jnp.where(x > -6.0, x * 0.5 * (1.0 + jax.lax.erf(x * 0.7071067811865476)), 0.0)
 
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "gelu": _gelu_erf,
     "gelu_new": lambda x: nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
@@ -115,21 +115,25 @@ class _DenseParams(nn.Module):
 
 
 class Embeddings(nn.Module):
-    """Word + token-type + position embeddings, LayerNorm, dropout; always fp32 (a gather, no matmul)."""
+    """Word + token-type (where the family has them) + position embeddings, LayerNorm, dropout; always fp32 (a
+    gather, no matmul). Their width is the family's embedding size (ELECTRA, ALBERT factorize it)."""
 
     spec: BertSpec
 
     def setup(self):
-        s = self.spec
-        self.word_embeddings = nn.Embed(s.vocab_size, s.hidden_size, embedding_init=_normal(s))
-        self.position_embeddings = nn.Embed(s.max_position_embeddings, s.hidden_size, embedding_init=_normal(s))
-        self.token_type_embeddings = nn.Embed(s.type_vocab_size, s.hidden_size, embedding_init=_normal(s))
+        s, e = self.spec, self.spec.embedding_width
+        self.word_embeddings = nn.Embed(s.vocab_size, e, embedding_init=_normal(s))
+        self.position_embeddings = nn.Embed(s.max_position_embeddings, e, embedding_init=_normal(s))
+        if s.family.token_types:
+            self.token_type_embeddings = nn.Embed(s.type_vocab_size, e, embedding_init=_normal(s))
         self.LayerNorm = nn.LayerNorm(epsilon=s.layer_norm_eps, dtype=jnp.float32)
         self.dropout = nn.Dropout(rate=s.hidden_dropout_prob)
 
     def __call__(self, input_ids, token_type_ids, position_ids, deterministic: bool = True):
-        x = (self.word_embeddings(input_ids.astype("i4")) + self.token_type_embeddings(token_type_ids.astype("i4"))
-             + self.position_embeddings(position_ids.astype("i4")))
+        x = self.word_embeddings(input_ids.astype("i4"))
+        if self.spec.family.token_types:
+            x = x + self.token_type_embeddings(token_type_ids.astype("i4"))
+        x = x + self.position_embeddings(position_ids.astype("i4"))
         return self.dropout(self.LayerNorm(x), deterministic=deterministic)
 
 
@@ -223,17 +227,20 @@ class _Dropout(nn.Module):
 
 
 class _DenseDropoutNorm(nn.Module):
-    """dense -> dropout -> LayerNorm(. + residual): FlaxBertSelfOutput and FlaxBertOutput."""
+    """dense -> dropout -> LayerNorm(. + residual): FlaxBertSelfOutput and FlaxBertOutput. Families without
+    that dropout (DistilBERT after attention, ALBERT after the feed-forward) set `has_dropout` False."""
 
     spec: BertSpec
     in_features: int
     dtype: Any = jnp.float32
+    has_dropout: bool = True
 
     def setup(self):
         s = self.spec
         self.dense = _DenseParams(s.hidden_size, self.in_features, _normal(s))
         self.LayerNorm = nn.LayerNorm(epsilon=s.layer_norm_eps, dtype=jnp.float32)
-        self.dropout = _Dropout(rate=s.hidden_dropout_prob)
+        # Named "dropout" as in transformers' modules: flax folds the module path into the mask's rng.
+        self.dropout = _Dropout(rate=s.hidden_dropout_prob if self.has_dropout else 0.0)
 
     def __call__(self, x, residual, deterministic: bool = True, rows: int | None = None):
         w, bias = self.dense()
@@ -246,7 +253,8 @@ class Attention(nn.Module):
 
     def setup(self):
         self.self = SelfAttention(self.spec, dtype=self.dtype)
-        self.output = _DenseDropoutNorm(self.spec, self.spec.hidden_size, dtype=self.dtype)
+        self.output = _DenseDropoutNorm(self.spec, self.spec.hidden_size, dtype=self.dtype,
+                                        has_dropout=self.spec.family.attention_output_dropout)
 
     def __call__(self, x, bias, deterministic: bool = True, cls_only: bool = False):
         rows = x.shape[1] if cls_only else None
@@ -264,7 +272,7 @@ class Intermediate(nn.Module):
 
     def __call__(self, x):
         w, bias = self.dense()
-        return _ACTIVATIONS[self.spec.hidden_act](_mm(x, w, self.dtype) + bias)
+        return ACTIVATIONS[self.spec.hidden_act](_mm(x, w, self.dtype) + bias)
 
 
 class Layer(nn.Module):
@@ -274,7 +282,8 @@ class Layer(nn.Module):
     def setup(self):
         self.attention = Attention(self.spec, dtype=self.dtype)
         self.intermediate = Intermediate(self.spec, dtype=self.dtype)
-        self.output = _DenseDropoutNorm(self.spec, self.spec.intermediate_size, dtype=self.dtype)
+        self.output = _DenseDropoutNorm(self.spec, self.spec.intermediate_size, dtype=self.dtype,
+                                        has_dropout=self.spec.family.ffn_output_dropout)
 
     def __call__(self, x, bias, deterministic: bool = True, cls_only: bool = False):
         a = self.attention(x, bias, deterministic, cls_only)
@@ -288,11 +297,13 @@ class _Layers(nn.Module):
 
     def setup(self):
         cls = nn.remat(Layer, static_argnums=(3, 4)) if self.remat else Layer
-        self.layers = [cls(self.spec, dtype=self.dtype, name=str(i)) for i in range(self.spec.num_hidden_layers)]
+        # One module per weight set; ALBERT's positions share theirs (spec.layer_params).
+        self.layers = [cls(self.spec, dtype=self.dtype, name=str(k)) for k in sorted(set(self.spec.layer_params()))]
 
     def __call__(self, x, bias, deterministic: bool = True, cls_only: bool = False):
-        for i, layer in enumerate(self.layers):
-            x = layer(x, bias, deterministic, cls_only and i == len(self.layers) - 1)
+        order = self.spec.layer_params()
+        for i, k in enumerate(order):
+            x = self.layers[k](x, bias, deterministic, cls_only and i == len(order) - 1)
         return x
 
 
@@ -319,15 +330,25 @@ class FastBertModule(nn.Module):
     remat: bool = False  # gradient checkpointing of each layer
 
     def setup(self):
-        self.embeddings = Embeddings(self.spec)
-        self.encoder = Encoder(self.spec, dtype=self.dtype, remat=self.remat)
+        s = self.spec
+        self.embeddings = Embeddings(s)
+        if s.projects_embeddings:  # ELECTRA's embeddings_project, ALBERT's embedding_hidden_mapping_in
+            self.embeddings_project = _DenseParams(s.hidden_size, s.embedding_width, _normal(s))
+        self.encoder = Encoder(s, dtype=self.dtype, remat=self.remat)
 
     def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True,
                  cls_only: bool = False):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+        if self.spec.family.positions_from_padding:  # RoBERTa: pad + 1, pad + 2, ... on tokens, pad on padding
+            real = (input_ids != self.spec.pad_token_id).astype(jnp.int32)
+            position_ids = jnp.cumsum(real, axis=-1) * real + self.spec.pad_token_id
+        else:
+            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
         x = self.embeddings(input_ids, token_type_ids, position_ids, deterministic)
+        if self.spec.projects_embeddings:
+            w, b = self.embeddings_project()
+            x = _mm(x, w, self.dtype) + b
         # As FlaxBertSelfAttention's bias: 0 on tokens, the dtype's min on padding (fp32: scores stay fp32).
         bias_Bx1x1xL = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
         return self.encoder(x, bias_Bx1x1xL, deterministic, cls_only)

@@ -1,4 +1,5 @@
-"""The classifier: BERT backbone -> pooling -> dropout -> Dense, as PyTorch's BertForSequenceClassification."""
+"""The classifier: encoder -> pooling -> the family's head, as PyTorch's *ForSequenceClassification (BERT,
+RoBERTa/XLM-R/CamemBERT, ELECTRA, DistilBERT, ALBERT: flaxclf.families)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxclf.backbone import BertSpec, hf_flax_bert_module
-from flaxclf.fast_bert import FastBertModule
+from flaxclf.fast_bert import ACTIVATIONS, FastBertModule
 from flaxclf.vocab import CLS_POOLINGS, HF_POOLING, IMPLS, POOLINGS, PROBLEM_TYPES, REGRESSION, Pooling
 
 
@@ -59,8 +60,10 @@ class ClassifierConfig:
         num_labels = len(names) or hf.get("num_labels") or 2
         if names and all(n == f"LABEL_{i}" for i, n in enumerate(names)):
             names = ()  # HF's placeholder names carry no information
-        fields = dict(backbone=BertSpec.from_hf(hf), num_labels=num_labels, label_names=names,
-                      problem_type=hf.get("problem_type"), classifier_dropout=hf.get("classifier_dropout"))
+        backbone = BertSpec.from_hf(hf)
+        family = backbone.family
+        fields = dict(backbone=backbone, num_labels=num_labels, label_names=names, problem_type=hf.get("problem_type"),
+                      classifier_dropout=hf.get(family.classifier_dropout_key, family.classifier_dropout_default))
         fields.update({k: v for k, v in overrides.items()})
         if "num_labels" in overrides and "label_names" not in overrides and \
                 len(fields["label_names"]) != fields["num_labels"]:
@@ -68,34 +71,36 @@ class ClassifierConfig:
         return cls(**fields)
 
     def to_hf(self) -> dict[str, Any]:
-        """config.json's fields, as PyTorch's BertForSequenceClassification.from_pretrained reads this classifier.
-        HF keeps num_labels implicit in id2label; it is written out too so that people and other tools see it."""
+        """config.json's fields, as the family's PyTorch *ForSequenceClassification.from_pretrained reads this
+        classifier. HF keeps num_labels implicit in id2label; it is written out too so that people and other tools
+        see it."""
         id2label = {str(k): v for k, v in self.id2label.items()}
+        family = self.backbone.family
         return self.backbone.to_hf(
-            architectures=["BertForSequenceClassification"], num_labels=self.num_labels, id2label=id2label,
-            label2id={v: int(k) for k, v in id2label.items()}, problem_type=self.problem_type,
-            classifier_dropout=self.classifier_dropout)
+            architectures=[family.architectures[self.backbone.model_type]], num_labels=self.num_labels,
+            id2label=id2label, label2id={v: int(k) for k, v in id2label.items()}, problem_type=self.problem_type,
+            **{family.classifier_dropout_key: self.classifier_dropout})
 
     def to_hf_config(self):
         """The same as a transformers.BertConfig (imports transformers: for its own models)."""
-        return self.backbone.to_hf_config(**{k: v for k, v in self.to_hf().items() if k in _HEAD_FIELDS})
-
-
-_HEAD_FIELDS = ("architectures", "num_labels", "id2label", "label2id", "problem_type", "classifier_dropout")
+        return self.backbone.to_hf_config(**{k: v for k, v in self.to_hf().items() if k not in self.backbone.to_hf()})
 
 
 class Pooler(nn.Module):
-    """BERT's pooler, tanh(dense(h[:, 0])), with the parameter names (pooler/dense) and init of transformers'."""
+    """The head's dense layer on position 0, act(dense(h[:, 0])): BERT's and ALBERT's pooler (tanh), RoBERTa's
+    classifier.dense (tanh), ELECTRA's (GELU), DistilBERT's pre_classifier (ReLU). The parameter names
+    (pooler/dense) and init are transformers' FlaxBertPooler's; flaxclf.families maps them to each family's."""
 
     hidden_size: int
     initializer_range: float
     dtype: Any = jnp.float32
+    activation: str = "tanh"
 
     @nn.compact
     def __call__(self, hidden_BxLxD: jax.Array) -> jax.Array:
         dense = nn.Dense(self.hidden_size, dtype=self.dtype, name="dense",
                          kernel_init=jax.nn.initializers.normal(self.initializer_range))
-        return jnp.tanh(dense(hidden_BxLxD[:, 0]))
+        return ACTIVATIONS[self.activation](dense(hidden_BxLxD[:, 0]))
 
 
 def pool(hidden_BxLxD: jax.Array, mask_BxL: jax.Array, pooling: str) -> jax.Array:
@@ -126,6 +131,9 @@ class BertClassifier(nn.Module):
         if self.impl not in IMPLS:
             raise ValueError(f"impl {self.impl!r} is not known; use one of {', '.join(IMPLS)}")
         spec = self.config.backbone
+        if self.impl == "hf" and spec.family.name != "bert":
+            raise ValueError(f"impl 'hf' is transformers' FlaxBertModule, for BERT; a {spec.model_type} model needs "
+                             "impl 'fast'")
         if self.impl == "fast":
             self.bert = FastBertModule(spec, dtype=self.dtype, remat=self.remat)
         else:
@@ -133,7 +141,8 @@ class BertClassifier(nn.Module):
             self.bert = flax_bert_module(spec.to_hf_config(), dtype=self.dtype, add_pooling_layer=False,
                                          gradient_checkpointing=self.remat)
         if self.config.pooling == HF_POOLING:
-            self.pooler = Pooler(spec.hidden_size, spec.initializer_range, dtype=self.dtype)
+            self.pooler = Pooler(spec.hidden_size, spec.initializer_range, dtype=self.dtype,
+                                 activation=spec.family.head_activation)
         self.dropout = nn.Dropout(rate=self.config.dropout_rate)
         init = jax.nn.initializers.normal(self.config.backbone.initializer_range)  # as HF's _init_weights
         self.classifier = nn.Dense(self.config.num_labels, dtype=self.dtype, kernel_init=init,
@@ -158,8 +167,11 @@ class BertClassifier(nn.Module):
         return out[0]
 
     def head(self, hidden_BxLxD, attention_mask, *, deterministic: bool = True):
-        """Pooling -> (pooler) -> dropout -> classifier, from final hidden states to float32 logits [B, C]."""
+        """Pooling -> (the family's dense layer) -> dropout -> classifier, from final hidden states to float32
+        logits [B, C]."""
         if self.config.pooling == HF_POOLING:
+            if self.config.backbone.family.head_dropout_first:  # RoBERTa's and ELECTRA's heads
+                hidden_BxLxD = self.dropout(hidden_BxLxD[:, :1], deterministic=deterministic)
             x = self.pooler(hidden_BxLxD)
         else:
             x = pool(hidden_BxLxD, attention_mask, self.config.pooling)

@@ -29,7 +29,10 @@ PARAM_RULES: list[tuple[str, P]] = [
     (r"attention/output/dense/kernel$", P("tensor", "fsdp")),
     (r"layer/\d+/output/dense/kernel$", P("tensor", "fsdp")),
     # Vocabulary sizes (30522) rarely divide the mesh, so the hidden dim carries the split.
-    (r"embeddings/word_embeddings/embedding$", P(None, "fsdp")),
+    (r"embeddings/(word|position)_embeddings/embedding$", P(None, "fsdp")),
+    # The head's hidden x hidden dense layer (BERT's pooler, RoBERTa's classifier.dense, ...): as large as one
+    # attention projection (16.8M parameters in ALBERT-xxlarge), so it is not replicated either.
+    (r"pooler/dense/kernel$", P("fsdp")),
 ]
 
 

@@ -13,15 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from flaxclf import files
+from flaxclf import families, files
 from flaxclf.backbone import read_hf_config
+from flaxclf.families import FAMILIES, Family
 from flaxclf.model import BertClassifier, ClassifierConfig, cast_floats, dummy_inputs
 from flaxclf.vocab import HF_POOLING
 
 log = logging.getLogger("flaxclf")
 
 Path_ = tuple[str, ...]
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# Every file of a slow or fast tokenizer of the supported families (BERT/ELECTRA/DistilBERT vocab.txt, RoBERTa
+# vocab.json + merges.txt, ALBERT spiece.model, XLM-R/CamemBERT sentencepiece.bpe.model).
+TOKENIZER_FILES = ("vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.json",
+                   "tokenizer_config.json", "special_tokens_map.json")
 EXPORT_FILES = frozenset({"config.json", "model.safetensors", *TOKENIZER_FILES})  # all an export may write
 HEAD = ("classifier",)
 POOLER = ("pooler",)
@@ -32,66 +36,68 @@ class WeightsError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- names
-def _is_ignored_pt(name: str) -> bool:
-    # Buffers (position_ids) and other tasks' heads (BertForPreTraining's cls.*) are not weights of ours.
-    return name.endswith("position_ids") or name.endswith("token_type_ids") or name.startswith("cls.")
-
-
-def pt_to_flax(name: str) -> tuple[Path_, bool]:
-    """PyTorch state-dict name -> (our param path, whether the tensor is a transposed Linear weight)."""
-    parts = name.split(".")
-    if parts[0] == "bert":
-        parts = parts[1:]
-    *mods, leaf = parts
-    if leaf in ("bias", "beta"):
-        return _place(mods) + ("bias",), False
-    if "LayerNorm" in mods[-1:] or leaf == "gamma":
-        return _place(mods) + ("scale",), False
+def _leaf(mods: tuple[str, ...], pt_leaf: str) -> tuple[str, bool]:
+    """(flax leaf name, whether the tensor is a transposed Linear weight) of a canonical module's PyTorch leaf."""
+    if pt_leaf in ("bias", "beta"):
+        return "bias", False
+    if "LayerNorm" in mods[-1] or pt_leaf == "gamma":
+        return "scale", False
     if mods[-1].endswith("embeddings"):
-        return _place(mods) + ("embedding",), False
-    return _place(mods) + ("kernel",), True
+        return "embedding", False
+    return "kernel", True
 
 
-def _place(mods: list[str]) -> Path_:
-    if mods[0] in ("pooler", "classifier"):
-        return tuple(mods)
-    return ("bert",) + tuple(mods)
+def pt_to_flax(family: Family, name: str) -> tuple[Path_, bool] | None:
+    """A PyTorch state-dict name -> (our param path, whether to transpose); None for a name the family lacks."""
+    canonical = families.to_canonical(family, name)
+    if canonical is None:
+        return None
+    *mods, pt_leaf = canonical.split(".")
+    mods = tuple(mods)
+    leaf, transpose = _leaf(mods, pt_leaf)
+    return mods + (leaf,), transpose
 
 
-def flax_to_pt(path: Path_) -> tuple[str, bool]:
-    """Our param path -> (PyTorch BertForSequenceClassification name, whether to transpose)."""
+def flax_to_pt(family: Family, path: Path_) -> tuple[str, bool]:
+    """Our param path -> (the family's PyTorch *ForSequenceClassification name, whether to transpose)."""
     *mods, leaf = path
-    mods = mods[1:] if mods[0] == "bert" else mods
-    prefix = "" if mods[0] == "classifier" else "bert."
     pt_leaf = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}[leaf]
-    return prefix + ".".join(mods + [pt_leaf]), leaf == "kernel"
+    return families.to_hf(family, ".".join([*mods, pt_leaf])), leaf == "kernel"
 
 
-def _hf_flax_to_ours(path: Path_) -> Path_:
-    """Paths of transformers' Flax checkpoints (FlaxBertModel or FlaxBert*For*) -> ours."""
+def _hf_flax_to_pt_name(path: Path_) -> tuple[str, str]:
+    """A path of transformers' Flax checkpoints (Flax*Model or Flax*For*) -> (PyTorch-style module name, leaf)."""
     if path[0] == "params":
         path = path[1:]
-    if path[0] == "bert":
-        path = path[1:]
-    return path if path[0] in ("pooler", "classifier") else ("bert",) + path
+    *mods, leaf = path
+    return ".".join([*mods, "weight"]), leaf
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def read_checkpoint(folder: Path) -> dict[Path_, np.ndarray]:
-    """The weights of a local HF folder under our paths: safetensors (single or sharded), msgpack, or .bin."""
+def read_checkpoint(folder: Path, family: Family) -> dict[Path_, np.ndarray]:
+    """The weights of a local HF folder of `family` under our paths: safetensors (single or sharded), msgpack,
+    or .bin. A name the family does not have is kept under its own name, for the merge to report."""
     if (folder / "model.safetensors").is_file():
-        return _from_pt_names(_read_safetensors([folder / "model.safetensors"]))
+        return _from_pt_names(family, _read_safetensors([folder / "model.safetensors"]))
     if (folder / "model.safetensors.index.json").is_file():
         index = json.loads((folder / "model.safetensors.index.json").read_text())
         files = sorted({folder / f for f in index["weight_map"].values()})
-        return _from_pt_names(_read_safetensors(files))
+        return _from_pt_names(family, _read_safetensors(files))
     if (folder / "flax_model.msgpack").is_file():
         from flax.serialization import msgpack_restore
 
         tree = msgpack_restore((folder / "flax_model.msgpack").read_bytes())
-        return {_hf_flax_to_ours(k): np.asarray(v) for k, v in flatten_dict(tree).items()}
+        out = {}
+        for path, arr in flatten_dict(tree).items():  # Flax names are PyTorch's, with Flax's leaves
+            name, leaf = _hf_flax_to_pt_name(path)
+            if families.is_ignored(family, name):
+                continue
+            ours = pt_to_flax(family, name)
+            out[ours[0][:-1] + (leaf,) if ours else tuple(name[:-len(".weight")].split(".")) + (leaf,)] = \
+                np.asarray(arr)
+        return out
     if (folder / "pytorch_model.bin").is_file():
-        return _from_pt_names(_read_torch_bin(folder / "pytorch_model.bin"))
+        return _from_pt_names(family, _read_torch_bin(folder / "pytorch_model.bin"))
     raise WeightsError(f"{folder} has no model.safetensors, flax_model.msgpack or pytorch_model.bin; "
                        "point at a folder made by save_pretrained")
 
@@ -115,26 +121,39 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
 
 
-def _from_pt_names(state: dict[str, np.ndarray]) -> dict[Path_, np.ndarray]:
+def _from_pt_names(family: Family, state: dict[str, np.ndarray]) -> dict[Path_, np.ndarray]:
     out = {}
     for name, arr in state.items():
-        if _is_ignored_pt(name):
+        if families.is_ignored(family, name):
             continue
-        path, transpose = pt_to_flax(name)
+        ours = pt_to_flax(family, name)
+        if ours is None:  # not a weight of this family: the merge names it as unexpected
+            out[tuple(name.split("."))] = arr
+            continue
+        path, transpose = ours
         out[path] = np.ascontiguousarray(arr.T) if transpose and arr.ndim == 2 else arr
     return out
 
 
 # ---------------------------------------------------------------------------------------------- merge
+def new_allowed(family: Family) -> tuple[Path_, ...]:
+    """The head: what a checkpoint may lack (a base model, or another label count): the classifier, and the
+    dense layer where it belongs to the classification head (RoBERTa, ELECTRA, DistilBERT)."""
+    return (HEAD, POOLER) if family.head_is_new else (HEAD,)
+
+
 def merge(expected: dict[Path_, Any], loaded: dict[Path_, np.ndarray], fresh: dict[Path_, Any],
-          pooling_uses_pooler: bool) -> dict[Path_, Any]:
-    """Strict merge: every backbone and pooler weight from the checkpoint; only the classifier head may be
-    missing or differently shaped, and then comes from `fresh` (HF's init). Anything else raises, naming it."""
+          pooling_uses_pooler: bool, allowed_new: tuple[Path_, ...] = (HEAD,)) -> dict[Path_, Any]:
+    """Strict merge: every backbone weight from the checkpoint; only the head (`allowed_new`) may be missing or
+    differently shaped, and then comes from `fresh` (HF's init). Anything else raises, naming it."""
+    def is_new_allowed(path: Path_) -> bool:
+        return any(path[: len(prefix)] == prefix for prefix in allowed_new)
+
     missing, misshaped, out = [], [], {}
     for path, spec in expected.items():
         arr = loaded.get(path)
         if arr is None or tuple(arr.shape) != tuple(spec.shape):
-            if path[: len(HEAD)] == HEAD:
+            if is_new_allowed(path):
                 out[path] = fresh[path]
                 continue
             if arr is None:
@@ -149,10 +168,10 @@ def merge(expected: dict[Path_, Any], loaded: dict[Path_, np.ndarray], fresh: di
         lines = [f"{label}: {', '.join(names)}" for label, names in
                  (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if names]
         raise WeightsError("the checkpoint does not match the model; " + "; ".join(lines))
-    head_new = [p for p in expected if p[: len(HEAD)] == HEAD and out[p] is fresh[p]]
+    head_new = sorted({"/".join(p[:-1]) for p in expected if is_new_allowed(p) and out[p] is fresh[p]})
     if head_new:
-        log.info("classifier head initialized fresh (normal(0, initializer_range), zero bias): "
-                 "the checkpoint has no head of this shape")
+        log.info("classifier head initialized fresh (%s: normal(0, initializer_range), zero bias): the checkpoint "
+                 "has no head of this shape", ", ".join(head_new))
     return out
 
 
@@ -191,47 +210,56 @@ def classifier_config(folder: str | Path, **overrides: Any) -> ClassifierConfig:
 
 def load_params(model: BertClassifier, folder: str | Path, rng: jax.Array) -> dict:
     """The checkpoint in `folder` merged strictly onto `model`'s parameter tree, as host numpy arrays."""
-    loaded = read_checkpoint(Path(folder))
+    family = model.config.backbone.family
+    loaded = read_checkpoint(Path(folder), family)
     expected = flatten_dict(jax.eval_shape(model.init, rng, **dummy_inputs())["params"])
-    head_rng = jax.random.fold_in(rng, 1)
-    fresh = flatten_dict(jax.device_get(_init_head(model, head_rng)))
-    merged = merge(expected, loaded, {HEAD + k: v for k, v in fresh.items()},
-                   pooling_uses_pooler=model.config.pooling == HF_POOLING)
+    allowed = new_allowed(family)
+    fresh = _init_head(expected, allowed, model.config.backbone.initializer_range, jax.random.fold_in(rng, 1))
+    merged = merge(expected, loaded, fresh, pooling_uses_pooler=model.config.pooling == HF_POOLING,
+                   allowed_new=allowed)
     return {"params": unflatten_dict({k: np.asarray(v, dtype=expected[k].dtype) for k, v in merged.items()})}
 
 
-def _init_head(model: BertClassifier, rng: jax.Array) -> dict:
-    """The classifier's init as HF does it (normal(0, initializer_range), zero bias), without the backbone."""
-    cfg = model.config
-    kernel = jax.random.normal(rng, (cfg.backbone.hidden_size, cfg.num_labels)) * cfg.backbone.initializer_range
-    return {"kernel": kernel, "bias": jnp.zeros((cfg.num_labels,))}
+def _init_head(expected: dict[Path_, Any], allowed: tuple[Path_, ...], initializer_range: float,
+               rng: jax.Array) -> dict[Path_, np.ndarray]:
+    """The head's dense layers initialized as HF's _init_weights does (normal(0, initializer_range) kernels, zero
+    biases), without initializing the backbone."""
+    out = {}
+    head = sorted(p for p in expected if any(p[: len(a)] == a for a in allowed))
+    for i, path in enumerate(head):
+        shape = expected[path].shape
+        out[path] = (np.asarray(jax.random.normal(jax.random.fold_in(rng, i), shape)) * initializer_range
+                     if path[-1] == "kernel" else np.zeros(shape, np.float32))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- export
-def to_pt_state(params: dict) -> dict[str, np.ndarray]:
-    """Our params -> PyTorch BertForSequenceClassification state dict (float32 numpy)."""
+def to_pt_state(params: dict, family: Family = FAMILIES["bert"]) -> dict[str, np.ndarray]:
+    """Our params -> the family's PyTorch *ForSequenceClassification state dict (float32 numpy)."""
     state = {}
     for path, arr in flatten_dict(params["params"]).items():
-        name, transpose = flax_to_pt(path)
+        name, transpose = flax_to_pt(family, path)
         a = np.asarray(jax.device_get(arr), dtype=np.float32)
         state[name] = np.ascontiguousarray(a.T if transpose else a)
     return state
 
 
 def export_hf(folder: str | Path, config: ClassifierConfig, params: dict, tokenizer_dir: str | Path | None) -> Path:
-    """Writes config.json, model.safetensors (PyTorch names) and the tokenizer files: a folder that
-    BertForSequenceClassification.from_pretrained loads with no missing or unexpected keys."""
+    """Writes config.json, model.safetensors (PyTorch names) and the tokenizer files: a folder that the family's
+    *ForSequenceClassification.from_pretrained loads with no missing or unexpected keys."""
     from safetensors.numpy import save
 
+    family = config.backbone.family
     if config.pooling != HF_POOLING:
-        raise WeightsError(f"pooling={config.pooling!r} has no PyTorch BertForSequenceClassification equivalent "
-                           "(it always uses the tanh pooler); export needs pooling=cls_pooler")
+        arch = family.architectures[config.backbone.model_type]
+        raise WeightsError(f"pooling={config.pooling!r} has no PyTorch {arch} equivalent (it always uses its "
+                           f"{family.head_names}); export needs pooling=cls_pooler")
     hf = config.to_hf()
 
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
         # Serialized in memory and written by Python, so a full disk is an OSError like any other file's.
-        (tmp / "model.safetensors").write_bytes(save(to_pt_state(params), metadata={"format": "pt"}))
+        (tmp / "model.safetensors").write_bytes(save(to_pt_state(params, family), metadata={"format": "pt"}))
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 src = Path(tokenizer_dir) / name

@@ -122,9 +122,9 @@ def test_gelu_is_the_exact_gelu():
     max(|exact|, 1): torch's own fp32 GELU is off by up to 8.9 of them in values (1 + erf cancels near -3.5) and
     2.1 in derivatives here."""
     torch = needs_torch()
-    from flaxclf.fast_bert import _ACTIVATIONS
+    from flaxclf.fast_bert import ACTIVATIONS
 
-    gelu = _ACTIVATIONS["gelu"]
+    gelu = ACTIVATIONS["gelu"]
     x = np.concatenate([np.linspace(-12, 12, 200_001), [-6.0, -5.999999, 0.0]]).astype(np.float32)
     t = torch.tensor(x.astype(np.float64), requires_grad=True)
     exact = torch.nn.functional.gelu(t)

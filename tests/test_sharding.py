@@ -69,11 +69,12 @@ def test_rules_give_the_measured_layout(abstract_params, mesh):
         assert specs[path] == spec, path
     assert specs["params/bert/encoder/layer/0/output/dense/bias"] == P()
     assert specs["params/bert/encoder/layer/0/output/LayerNorm/scale"] == P()
-    assert specs["params/bert/embeddings/position_embeddings/embedding"] == P()
-    assert specs["params/pooler/dense/kernel"] == P()
+    assert specs["params/bert/embeddings/position_embeddings/embedding"] == P(None, "fsdp")
+    assert specs["params/pooler/dense/kernel"] == P("fsdp")
     assert specs["params/classifier/kernel"] == P()
-    # Per layer: q/k/v kernels and biases, intermediate kernel and bias, two output kernels; plus the embedding.
-    assert sum(s != P() for s in specs.values()) == 10 * SMALL.num_hidden_layers + 1
+    # Per layer: q/k/v kernels and biases, intermediate kernel and bias, two output kernels; plus the word and
+    # position embeddings and the pooler's kernel.
+    assert sum(s != P() for s in specs.values()) == 10 * SMALL.num_hidden_layers + 3
 
 
 def test_axis_that_does_not_divide_is_dropped(mesh):

@@ -1,0 +1,299 @@
+"""Every encoder family against transformers' PyTorch *ForSequenceClassification, on small random configs built
+offline: config.json, logits, loss and gradients, checkpoints in and exports out, and the seed question."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from flaxclf import losses
+from flaxclf.backbone import BertSpec
+from flaxclf.model import BertClassifier, ClassifierConfig, init_params
+from flaxclf.vocab import SINGLE
+from flaxclf.weights import WeightsError, export_hf, flax_to_pt, from_pretrained
+from tests.torch_ref import needs_hf_flax, needs_torch
+
+_BASE = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+             max_position_embeddings=64)
+_ROBERTA = dict(_BASE, pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1,
+                max_position_embeddings=66)
+# model_type -> the kwargs of transformers' config class for it (its own key names).
+CONFIGS = {
+    "bert": dict(_BASE, type_vocab_size=2),
+    "roberta": _ROBERTA,
+    "xlm-roberta": _ROBERTA,
+    "camembert": _ROBERTA,
+    "electra": dict(_BASE, embedding_size=16, type_vocab_size=2),
+    "distilbert": dict(vocab_size=120, dim=32, n_layers=2, n_heads=4, hidden_dim=48, max_position_embeddings=64),
+    "albert": dict(_BASE, embedding_size=16, num_hidden_layers=3, hidden_act="gelu_new", type_vocab_size=2,
+                   hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1),
+}
+CASES = [*CONFIGS, "albert-2-groups"]
+
+
+def _hf_kwargs(case: str) -> tuple[str, dict]:
+    if case == "albert-2-groups":  # 4 positions over 2 weight sets
+        return "albert", dict(CONFIGS["albert"], num_hidden_layers=4, num_hidden_groups=2)
+    return case, CONFIGS[case]
+
+
+def _batch(spec: BertSpec, b: int = 4, length: int = 12, seed: int = 0) -> dict[str, np.ndarray]:
+    """Padding of different lengths (pad ids where the mask is 0) and, where the family has them, two segments."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, spec.vocab_size, (b, length))
+    mask = np.ones((b, length), np.int64)
+    tt = np.zeros((b, length), np.int64)
+    for i in range(b):
+        n = max(length - 3 * i, 2)
+        mask[i, n:] = 0
+        ids[i, n:] = spec.pad_token_id
+        if spec.family.token_types and spec.type_vocab_size > 1:
+            tt[i, n // 2: n] = 1
+    return dict(input_ids=ids, attention_mask=mask, token_type_ids=tt)
+
+
+def _torch_inputs(spec: BertSpec, b: dict) -> dict:
+    torch = needs_torch()
+    out = {k: torch.tensor(v) for k, v in b.items()}
+    if not spec.family.token_types:
+        del out["token_type_ids"]  # DistilBERT's forward has no such argument
+    return out
+
+
+def _torch_classifier(case: str, num_labels: int = 3, seed: int = 0):
+    """transformers' PyTorch *ForSequenceClassification of the case, eval mode, with a trained-looking head (large
+    random weights in every head parameter)."""
+    torch = needs_torch()
+    import transformers
+
+    model_type, kwargs = _hf_kwargs(case)
+    torch.manual_seed(seed)
+    cfg = transformers.AutoConfig.for_model(model_type, **kwargs, num_labels=num_labels)
+    model = transformers.AutoModelForSequenceClassification.from_config(cfg, attn_implementation="eager").eval()
+    prefix = BertSpec(model_type=model_type).family.prefix
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith(prefix + "."):
+                p.normal_(0, 0.5)
+    return model
+
+
+def _ours_logits(model, params, b):
+    return np.asarray(model.apply(params, **{k: jnp.asarray(v) for k, v in b.items()}))
+
+
+@pytest.mark.parametrize("model_type", list(CONFIGS))
+def test_config_json_reads_with_the_config_class_defaults(model_type, tmp_path):
+    """A sparse config.json (only model_type) gives transformers' class defaults, under each family's key names;
+    a full one gives its values; and ours written back reads as the same config in transformers."""
+    transformers = pytest.importorskip("transformers")
+    family = BertSpec(model_type=model_type).family
+    default = transformers.AutoConfig.for_model(model_type)
+    spec = ClassifierConfig.from_hf({"model_type": model_type}).backbone
+    for field in BertSpec.__dataclass_fields__:
+        key = family.hf_key(field)
+        if field in ("model_type", *family.unused) or not hasattr(default, key):
+            continue
+        assert getattr(spec, field) == getattr(default, key), field
+    full = transformers.AutoConfig.for_model(model_type, **_hf_kwargs(model_type)[1], num_labels=3)
+    full.save_pretrained(tmp_path)
+    from flaxclf.backbone import read_hf_config
+
+    ours = ClassifierConfig.from_hf(read_hf_config(tmp_path))
+    back = transformers.AutoConfig.for_model(**ours.to_hf())
+    assert type(back) is type(full)
+    for key, value in full.to_diff_dict().items():
+        if key not in ("transformers_version", "architectures", "torch_dtype", "dtype", "_name_or_path"):
+            assert getattr(back, key) == value, key
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("case", CASES)
+def test_a_saved_pytorch_classifier_gives_the_same_logits(case, fmt, tmp_path):
+    """save_pretrained of the PyTorch class, with a trained-looking head, loaded by flaxclf: logits <= 1e-5 (fp32,
+    eval, padding and segments)."""
+    torch = needs_torch()
+    ref = _torch_classifier(case)
+    ref.save_pretrained(tmp_path, safe_serialization=fmt == "safetensors")
+    model, params = from_pretrained(str(tmp_path))
+    b = _batch(model.config.backbone)
+    with torch.no_grad():
+        want = ref(**_torch_inputs(model.config.backbone, b)).logits.numpy()
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(_ours_logits(model, params, b), want, rtol=0, atol=1e-5)
+
+
+# Gradients: |ours - torch| <= 1e-6 + 1e-4 |torch| per element, for every parameter.
+GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_loss_and_every_gradient_match_pytorch(case, tmp_path):
+    torch = needs_torch()
+    ref = _torch_classifier(case, seed=1)
+    ref.save_pretrained(tmp_path)
+    model, params = from_pretrained(str(tmp_path))
+    spec = model.config.backbone
+    b = _batch(spec, seed=1)
+    labels = np.array([0, 2, 1, 2])
+    out = ref(**_torch_inputs(spec, b), labels=torch.tensor(labels))
+    out.loss.backward()
+    want_grads = {n: p.grad.numpy() for n, p in ref.named_parameters()}
+
+    def loss(p):
+        logits = model.apply(p, **{k: jnp.asarray(v) for k, v in b.items()})
+        return losses.loss(SINGLE, logits, jnp.asarray(labels))
+
+    value, grads = jax.value_and_grad(loss)(params)
+    assert float(value) == pytest.approx(out.loss.item(), rel=1e-6)
+    got_grads = {}
+    for path, g in flatten_dict(grads["params"]).items():
+        name, transpose = flax_to_pt(spec.family, path)
+        got_grads[name] = np.asarray(g).T if transpose else np.asarray(g)
+    assert set(got_grads) == set(want_grads)
+    for name, want in want_grads.items():
+        np.testing.assert_allclose(got_grads[name], want, rtol=GRAD_RTOL, atol=GRAD_ATOL, err_msg=name)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_export_loads_in_pytorch_and_comes_back_bit_exact(case, tmp_path):
+    """flaxclf's export: AutoModelForSequenceClassification.from_pretrained with no missing, unexpected or
+    mis-shaped keys and the same logits; its save_pretrained back into flaxclf, bit-exact."""
+    torch = needs_torch()
+    import transformers
+
+    model_type, kwargs = _hf_kwargs(case)
+    hf = transformers.AutoConfig.for_model(model_type, **kwargs, num_labels=3).to_dict()
+    config = ClassifierConfig.from_hf(hf)
+    model = BertClassifier(config)
+    params = init_params(model, jax.random.PRNGKey(0))
+    flat = flatten_dict(params["params"])
+    for i, path in enumerate(sorted(p for p in flat if p[0] != "bert")):  # a trained-looking head
+        flat[path] = 0.5 * jax.random.normal(jax.random.PRNGKey(10 + i), flat[path].shape)
+    params = {"params": unflatten_dict(flat)}
+    export_hf(tmp_path / "out", config, params, tokenizer_dir=None)
+    theirs, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "out", output_loading_info=True, attn_implementation="eager")
+    assert type(theirs).__name__ == config.backbone.family.architectures[model_type]
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    b = _batch(config.backbone, seed=2)
+    with torch.no_grad():
+        want = theirs.eval()(**_torch_inputs(config.backbone, b)).logits.numpy()
+    np.testing.assert_allclose(_ours_logits(model, params, b), want, rtol=0, atol=1e-5)
+    theirs.save_pretrained(tmp_path / "back")
+    _, back = from_pretrained(str(tmp_path / "back"))
+    for path, arr in flatten_dict(params["params"]).items():
+        np.testing.assert_array_equal(np.asarray(flatten_dict(back["params"])[path]), np.asarray(arr),
+                                      err_msg="/".join(path))
+
+
+# The family's pretraining checkpoint (what a fine-tuning run starts from) and the base model.
+PRETRAINING = {"bert": "BertForPreTraining", "roberta": "RobertaForMaskedLM", "xlm-roberta": "XLMRobertaForMaskedLM",
+               "camembert": "CamembertForMaskedLM", "electra": "ElectraForPreTraining",
+               "distilbert": "DistilBertForMaskedLM", "albert": "AlbertForPreTraining"}
+
+
+@pytest.mark.parametrize("kind", ["pretraining", "base"])
+@pytest.mark.parametrize("model_type", list(CONFIGS))
+def test_pretraining_and_base_checkpoints_load_with_only_the_head_new(model_type, kind, tmp_path, caplog):
+    """The encoder comes from the checkpoint (same final hidden states as torch's), the other task's head is
+    ignored, the classification head alone is new; a checkpoint missing an encoder weight is refused by name."""
+    torch = needs_torch()
+    import logging
+
+    import transformers
+    from safetensors.numpy import load_file, save_file
+
+    cfg = transformers.AutoConfig.for_model(model_type, **CONFIGS[model_type])
+    torch.manual_seed(0)
+    cls = getattr(transformers, PRETRAINING[model_type]) if kind == "pretraining" else transformers.AutoModel
+    ref = (cls(cfg) if kind == "pretraining" else cls.from_config(cfg)).eval()
+    ref.save_pretrained(tmp_path)
+    with caplog.at_level(logging.INFO, logger="flaxclf"):
+        model, params = from_pretrained(str(tmp_path), num_labels=3)
+    assert "classifier head initialized fresh" in caplog.text
+    spec = model.config.backbone
+    b = _batch(spec, seed=3)
+    base = ref if kind == "base" else getattr(ref, spec.family.prefix)
+    with torch.no_grad():
+        want = base(**_torch_inputs(spec, b)).last_hidden_state.numpy()
+    got = model.apply(params, **{k: jnp.asarray(v) for k, v in b.items()}, method=BertClassifier.encode)
+    real = b["attention_mask"].astype(bool)
+    np.testing.assert_allclose(np.asarray(got)[real], want[real], rtol=0, atol=1e-5)
+
+    state = load_file(str(tmp_path / "model.safetensors"))
+    dropped = sorted(k for k in state if "query" in k or "q_lin" in k)[0]
+    del state[dropped]
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(WeightsError, match="missing: bert/encoder/layer/0/attention/self/query"):
+        from_pretrained(str(tmp_path), num_labels=3)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_seed_question_each_head_reads_position_zero_alone(case):
+    """Perturbing the final hidden states anywhere but position 0 leaves the logits bit-identical (padding and
+    real tokens alike); perturbing position 0 moves them. Holds in training mode too, with dropout."""
+    pytest.importorskip("transformers")
+    import transformers
+
+    model_type, kwargs = _hf_kwargs(case)
+    config = ClassifierConfig.from_hf(transformers.AutoConfig.for_model(model_type, **kwargs, num_labels=3).to_dict())
+    model = BertClassifier(config)
+    params = init_params(model, jax.random.PRNGKey(0))
+    b = _batch(config.backbone)
+    hidden = jax.random.normal(jax.random.PRNGKey(1), (4, 12, config.backbone.hidden_size))
+    mask = jnp.asarray(b["attention_mask"])
+    for deterministic in (True, False):
+        rngs = None if deterministic else {"dropout": jax.random.PRNGKey(2)}
+
+        def logits(h, deterministic=deterministic, rngs=rngs):
+            return np.asarray(model.apply(params, h, mask, deterministic=deterministic, method=BertClassifier.head,
+                                          rngs=rngs))
+
+        base = logits(hidden)
+        others = hidden.at[:, 1:].add(jax.random.normal(jax.random.PRNGKey(3), hidden[:, 1:].shape))
+        np.testing.assert_array_equal(logits(others), base)
+        moved = logits(hidden.at[:, 0].add(1.0))
+        assert (np.abs(moved - base).max(-1) > 1e-4).all()
+
+
+@pytest.mark.parametrize("model_type", list(CONFIGS))
+def test_no_large_matrix_is_replicated_by_accident(model_type):
+    """Under a (2, 2, 2) mesh the rule table shards every matrix of hidden_size^2 elements or more, in every
+    family's parameter tree (and so in its optimizer state, which keeps the paths)."""
+    pytest.importorskip("transformers")
+    import transformers
+
+    from flaxclf.config import MeshConfig
+    from flaxclf.model import dummy_inputs
+    from flaxclf.sharding import make_mesh, param_specs, path_str
+
+    kwargs = dict(CONFIGS[model_type], vocab_size=512)
+    config = ClassifierConfig.from_hf(transformers.AutoConfig.for_model(model_type, **kwargs).to_dict())
+    abstract = jax.eval_shape(BertClassifier(config).init, jax.random.PRNGKey(0), **dummy_inputs())
+    specs = param_specs(abstract, make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))
+    large = config.backbone.hidden_size ** 2
+    leaves = jax.tree_util.tree_leaves_with_path(abstract)
+    spec_of = {path_str(kp): s for kp, s in jax.tree_util.tree_leaves_with_path(
+        specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))}
+    replicated = [path_str(kp) for kp, x in leaves if x.ndim == 2 and np.prod(x.shape) >= large
+                  and spec_of[path_str(kp)] == jax.sharding.PartitionSpec()]
+    assert replicated == []
+
+
+@needs_hf_flax
+@pytest.mark.parametrize("model_type", ["bert", "roberta", "xlm-roberta", "electra", "distilbert", "albert"])
+def test_a_transformers_flax_checkpoint_loads_to_the_same_logits(model_type, tmp_path):
+    """flax_model.msgpack, as transformers 4.x's Flax*ForSequenceClassification saves it."""
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(model_type, **CONFIGS[model_type], num_labels=3)
+    ref = transformers.FlaxAutoModelForSequenceClassification.from_config(cfg, seed=4)
+    ref.save_pretrained(tmp_path)
+    model, params = from_pretrained(str(tmp_path))
+    spec = model.config.backbone
+    b = _batch(spec, seed=4)
+    inputs = {k: v for k, v in b.items() if spec.family.token_types or k != "token_type_ids"}
+    want = np.asarray(ref(**inputs, train=False).logits)
+    np.testing.assert_allclose(_ours_logits(model, params, b), want, rtol=0, atol=1e-5)
