@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from flaxclf import data
+from flaxclf import data, families
+from flaxclf.families import Family
 from flaxclf.model import BertClassifier
 from flaxclf.predict import Loaded
 from flaxclf.vocab import HF_POOLING
@@ -115,28 +116,44 @@ def _count(tree: Any) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
+def _hf_module(family: Family, canonical: str) -> str:
+    """A canonical module's name in the family's PyTorch class, without the base model's prefix."""
+    name = families.to_hf(family, canonical + ".weight").removesuffix(".weight").removeprefix(family.prefix + ".")
+    return "pooler" if name == "pooler.dense" else name
+
+
 def architecture(loaded: Loaded, length: int) -> str:
     """The head as a chain of steps with output shapes (batch 1, padded length `length`) and parameter counts."""
     cfg, p = loaded.model.config, loaded.params["params"]
     b, d, c = cfg.backbone, cfg.backbone.hidden_size, cfg.num_labels
+    family = b.family
     flat = flatten_dict(p["bert"])
-    emb = _count([v for k, v in flat.items() if k[0] == "embeddings"])
+    emb = _count([v for k, v in flat.items() if k[0] in ("embeddings", "embeddings_project")])
     enc = _count([v for k, v in flat.items() if k[0] == "encoder"])
+    positions = f"positions {b.max_position_embeddings}" + (" from padding_idx + 1" if family.positions_from_padding
+                                                            else "")
+    types = f"types {b.type_vocab_size}" if family.token_types else "no token types"
+    width = f", width {b.embedding_width} projected to {d}" if b.projects_embeddings else ""
+    layers = len(set(b.layer_params()))
+    shared = f", {layers} weight set{'s' if layers > 1 else ''} shared" if family.shared_layers else ""
     rows = [
-        ("input_ids, attention_mask, token_type_ids", f"[1, {length}]", ""),
-        (f"backbone: BERT, {b.num_hidden_layers} layers, hidden {d}, {b.num_attention_heads} heads",
+        ("input_ids, attention_mask" + (", token_type_ids" if family.token_types else ""), f"[1, {length}]", ""),
+        (f"backbone: {b.model_type}, {b.num_hidden_layers} layers{shared}, hidden {d}, {b.num_attention_heads} heads",
          f"hidden [1, {length}, {d}]", f"{emb + enc:,}"),
-        (f"  embeddings (vocab {b.vocab_size}, positions {b.max_position_embeddings}, types {b.type_vocab_size})",
-         "", f"{emb:,}"),
+        (f"  embeddings (vocab {b.vocab_size}, {positions}, {types}{width})", "", f"{emb:,}"),
         (f"  encoder: {b.num_hidden_layers} x (self-attention + feed-forward {b.intermediate_size})", "", f"{enc:,}"),
         (f"positions: {_POSITIONS[cfg.pooling]}", f"[1, {d}]", "0"),
     ]
+    dropout = (f"dropout: p={cfg.dropout_rate:g} (training only)", f"[1, {d}]", "0")
     if cfg.pooling == HF_POOLING:
-        rows.append((f"pooler: tanh(dense {d} -> {d})", f"[1, {d}]", f"{_count(p['pooler']):,}"))
+        if family.head_dropout_first:
+            rows.append(dropout)
+        rows.append((f"{_hf_module(family, 'pooler.dense')}: {family.head_activation}(dense {d} -> {d})", f"[1, {d}]",
+                     f"{_count(p['pooler']):,}"))
     else:
-        rows.append((f"pooler: none (pooling={cfg.pooling!r})", "", "0"))
-    rows += [(f"dropout: p={cfg.dropout_rate:g} (training only)", f"[1, {d}]", "0"),
-             (f"classifier: dense {d} -> {c}", f"logits [1, {c}]", f"{_count(p['classifier']):,}")]
+        rows.append((f"{_hf_module(family, 'pooler.dense')}: none (pooling={cfg.pooling!r})", "", "0"))
+    rows += [dropout, (f"{_hf_module(family, 'classifier')}: dense {d} -> {c}", f"logits [1, {c}]",
+                       f"{_count(p['classifier']):,}")]
     w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
     w2 = max(len(r[2]) for r in rows)
     lines = [f"{loaded.source}: pooling={cfg.pooling}, {loaded.problem_type}, labels {loaded.label_names}"]

@@ -124,8 +124,13 @@ def test_a_saved_pytorch_classifier_gives_the_same_logits(case, fmt, tmp_path):
     np.testing.assert_allclose(_ours_logits(model, params, b), want, rtol=0, atol=1e-5)
 
 
-# Gradients: |ours - torch| <= 1e-6 + 1e-4 |torch| per element, for every parameter.
-GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6
+# Gradients, per parameter tensor: max |ours - torch| <= 1e-5 max |torch| (normwise: the fp32 sums behind an
+# embedding row's gradient run in different orders, so an element far below its tensor's scale can differ by
+# more than 1e-5 of itself. Measured worst: 1.4e-6, transformers 4.57 and 5).
+GRAD_TOL = 1e-5
+# The key biases' exact gradient is 0 (softmax ignores a constant added to every score); both sides return
+# rounding noise of ~1e-11 there, which the absolute floor admits (every other gradient tensor peaks above 1e-4).
+GRAD_FLOOR = 1e-9
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -153,7 +158,7 @@ def test_loss_and_every_gradient_match_pytorch(case, tmp_path):
         got_grads[name] = np.asarray(g).T if transpose else np.asarray(g)
     assert set(got_grads) == set(want_grads)
     for name, want in want_grads.items():
-        np.testing.assert_allclose(got_grads[name], want, rtol=GRAD_RTOL, atol=GRAD_ATOL, err_msg=name)
+        assert np.abs(got_grads[name] - want).max() <= GRAD_TOL * np.abs(want).max() + GRAD_FLOOR, name
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -1,0 +1,82 @@
+"""Each family through the real `flaxclf` command: a base checkpoint (encoder only, as a pretraining run leaves
+it) fine-tuned, resumed, inspected, predicted with, and its export read by PyTorch's AutoModel."""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from flaxclf.backbone import BertSpec
+from flaxclf.model import BertClassifier, ClassifierConfig, init_params
+from flaxclf.weights import TOKENIZER_FILES, to_pt_state
+from tests.test_journeys import _ok, _records, _train_args, flaxclf
+from tests.torch_ref import needs_torch
+
+pytestmark = pytest.mark.slow
+
+# Tiny encoders over MiniLM's real WordPiece tokenizer (vocabulary 30522, [PAD] = 0, so RoBERTa's padding_idx is 0).
+_SHAPE = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+              max_position_embeddings=66)
+SPECS = {
+    "roberta": BertSpec(**_SHAPE, model_type="roberta", type_vocab_size=1),
+    "electra": BertSpec(**_SHAPE, model_type="electra", embedding_size=16),
+    "distilbert": BertSpec(**_SHAPE, model_type="distilbert", type_vocab_size=0),
+    "albert": BertSpec(**dict(_SHAPE, num_hidden_layers=3), model_type="albert", embedding_size=16,
+                       hidden_act="gelu_new"),
+}
+
+
+@pytest.fixture(scope="module", params=list(SPECS))
+def base_dir(request, tmp_path_factory, minilm_dir) -> Path:
+    """The family's base model checkpoint: the encoder's weights (and ALBERT's pooler, which its base model has),
+    no classification head, a config.json that names the base architecture."""
+    spec = SPECS[request.param]
+    folder = tmp_path_factory.mktemp(f"base-{request.param}")
+    params = init_params(BertClassifier(ClassifierConfig(backbone=spec, num_labels=2)), jax.random.PRNGKey(0))
+    state = {k: v for k, v in to_pt_state(params, spec.family).items() if k.startswith(spec.family.prefix + ".")}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    arch = spec.family.architectures[spec.model_type].replace("ForSequenceClassification", "Model")
+    (folder / "config.json").write_text(json.dumps(spec.to_hf(architectures=[arch])))
+    for name in TOKENIZER_FILES:
+        if (minilm_dir / name).is_file():
+            shutil.copy2(minilm_dir / name, folder / name)
+    return folder
+
+
+def test_fine_tune_resume_inspect_predict_and_export(base_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    base = ("checkpoint.every_steps=2", "train.eval_every=2")
+    first = _ok(flaxclf(*_train_args(base_dir, run_dir, "train.max_steps=4", *base)))
+    assert "classifier head initialized fresh" in first.stdout + first.stderr
+    again = _ok(flaxclf(*_train_args(base_dir, run_dir, "train.max_steps=6", *base)))
+    assert f"resumed from {run_dir / 'checkpoints' / '4'} at step 4 of 6" in again.stdout
+    assert [r["step"] for r in _records(run_dir) if r["split"] == "validation"] == [2, 4, 6]
+
+    p = _ok(flaxclf("inspect", str(run_dir), "--text", "not bad at all", "--json", "-"))
+    out = json.loads(p.stdout)
+    assert out["verdict"].startswith("Yes")
+    changes = [q["logit_change"] for q in out["positions"]]
+    assert changes[0] > 0 and all(c == 0.0 for c in changes[1:])
+
+    texts = ["a great film", "awful, just awful", "not bad at all, if a little long"]
+    export = run_dir / "export"  # the best step's model, which PyTorch reads below
+    p = _ok(flaxclf("predict", str(export), "--format", "jsonl", stdin="\n".join(texts) + "\n"))
+    rows = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [r["text"] for r in rows] == texts
+
+    torch = needs_torch()
+    import transformers
+
+    model, info = transformers.AutoModelForSequenceClassification.from_pretrained(export, output_loading_info=True)
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    tok = transformers.AutoTokenizer.from_pretrained(export)
+    enc = tok(texts, padding=True, return_tensors="pt", return_token_type_ids=model.config.model_type != "distilbert")
+    with torch.no_grad():
+        probs = torch.softmax(model.eval()(**enc).logits, -1).numpy()
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    ours = np.array([[r["probs"][n] for n in labels] for r in rows])
+    np.testing.assert_allclose(ours, probs, rtol=0, atol=1e-5)
