@@ -39,8 +39,15 @@ class ClassifierConfig:
             raise ValueError(f"{len(self.label_names)} label names for num_labels={self.num_labels}")
 
     @property
-    def dropout_rate(self) -> float:
+    def head_dropout(self) -> float | None:
+        """classifier_dropout, or where it is None the family's own default (DistilBERT's seq_classif_dropout 0.2,
+        ALBERT's classifier_dropout_prob 0.1); None still for the families that fall back to hidden_dropout_prob."""
         cd = self.classifier_dropout
+        return self.backbone.family.classifier_dropout_default if cd is None else cd
+
+    @property
+    def dropout_rate(self) -> float:
+        cd = self.head_dropout
         return self.backbone.hidden_dropout_prob if cd is None else cd
 
     @property
@@ -79,7 +86,7 @@ class ClassifierConfig:
         return self.backbone.to_hf(
             architectures=[family.architectures[self.backbone.model_type]], num_labels=self.num_labels,
             id2label=id2label, label2id={v: int(k) for k, v in id2label.items()}, problem_type=self.problem_type,
-            **{family.classifier_dropout_key: self.classifier_dropout})
+            **{family.classifier_dropout_key: self.head_dropout})
 
     def to_hf_config(self):
         """The same as a transformers.BertConfig (imports transformers: for its own models)."""

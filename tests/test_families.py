@@ -302,3 +302,15 @@ def test_a_transformers_flax_checkpoint_loads_to_the_same_logits(model_type, tmp
     inputs = {k: v for k, v in b.items() if spec.family.token_types or k != "token_type_ids"}
     want = np.asarray(ref(**inputs, train=False).logits)
     np.testing.assert_allclose(_ours_logits(model, params, b), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type,key,rate", [
+    ("bert", "classifier_dropout", 0.3), ("roberta", "classifier_dropout", 0.3),
+    ("distilbert", "seq_classif_dropout", 0.2), ("albert", "classifier_dropout_prob", 0.1)])
+def test_the_head_dropout_is_each_familys_own(model_type, key, rate):
+    """A classifier built in code (classifier_dropout None) takes the family's rule: hidden_dropout_prob where
+    transformers falls back to it, the config class's own default where it has one; config.json carries it."""
+    config = ClassifierConfig(backbone=BertSpec(model_type=model_type, hidden_dropout_prob=0.3), num_labels=2)
+    assert config.dropout_rate == rate
+    assert config.to_hf()[key] == (None if rate == 0.3 else rate)
+    assert ClassifierConfig.from_hf(config.to_hf()).dropout_rate == rate
