@@ -457,7 +457,7 @@ def test_bad_json_and_missing_pair(tmp_path, model_dir):
 
 def test_max_length_above_position_embeddings(tmp_path, model_dir):
     train = _write(tmp_path, "t.csv", "text,label\na,x\n")
-    assert "<= 512" in _fails(tmp_path, model_dir, "above the model's max_position_embeddings 512",
+    assert "<= 512" in _fails(tmp_path, model_dir, "above the 512 tokens the model's position embeddings hold",
                               train_file=train, max_length=1024)
 
 

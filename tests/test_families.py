@@ -314,3 +314,15 @@ def test_the_head_dropout_is_each_familys_own(model_type, key, rate):
     assert config.dropout_rate == rate
     assert config.to_hf()[key] == (None if rate == 0.3 else rate)
     assert ClassifierConfig.from_hf(config.to_hf()).dropout_rate == rate
+
+
+def test_roberta_takes_two_tokens_fewer_than_its_position_table(tmp_path):
+    """RoBERTa's positions start at padding_idx + 1: max_position_embeddings 514 holds 512 tokens."""
+    import json
+
+    from flaxclf.data import tokens
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "roberta", "max_position_embeddings": 514}))
+    assert tokens.max_positions(tmp_path) == 512
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "max_position_embeddings": 512}))
+    assert tokens.max_positions(tmp_path) == 512

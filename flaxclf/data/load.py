@@ -66,8 +66,8 @@ def load_task(cfg: DataConfig, model_dir: Path, process_index: int | None = None
     model_dir = Path(model_dir)
     limit = tokens.max_positions(model_dir)
     if limit is not None and cfg.max_length > limit:
-        raise DataError(f"data.max_length {cfg.max_length} is above the model's max_position_embeddings {limit} "
-                        f"({model_dir / 'config.json'}); use data.max_length <= {limit}")
+        raise DataError(f"data.max_length {cfg.max_length} is above the {limit} tokens the model's position "
+                        f"embeddings hold ({model_dir / 'config.json'}); use data.max_length <= {limit}")
     say = _printer(pi)
     tables, cols, fixed = _split_tables(cfg, say)
     rows = {s: labels.select_rows(t, cols, say) for s, t in tables.items()}

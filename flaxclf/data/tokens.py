@@ -28,9 +28,18 @@ _BERT_NORMALIZER = {"do_lower_case": ("lowercase", True), "strip_accents": ("str
 
 
 def max_positions(model_dir: Path) -> int | None:
-    """The model's max_position_embeddings (config.json), the longest max_length it takes; None without one."""
+    """The longest max_length the model takes (its max_position_embeddings, less RoBERTa's padding_idx + 1
+    unused rows); None without a config.json."""
+    from flaxclf.backbone import BertSpec
+
     path = model_dir / "config.json"
-    return json.loads(path.read_text()).get("max_position_embeddings") if path.is_file() else None
+    if not path.is_file():
+        return None
+    hf = json.loads(path.read_text())
+    try:
+        return BertSpec.from_hf(hf).max_length
+    except ValueError:  # a model flaxclf does not load: reading its weights says so, in its own words
+        return hf.get("max_position_embeddings")
 
 
 def require_tokenizer(model_dir: Path) -> None:
