@@ -49,12 +49,16 @@ def base_dir(request, tmp_path_factory, minilm_dir) -> Path:
 
 def test_fine_tune_resume_inspect_predict_and_export(base_dir, tmp_path):
     run_dir = tmp_path / "run"
-    base = ("checkpoint.every_steps=2", "train.eval_every=2")
+    # A rate a tiny random encoder learns from in a few steps; every step's loss is logged.
+    base = ("checkpoint.every_steps=2", "train.eval_every=2", "train.log_every=1", "optim.learning_rate=2e-3",
+            "optim.warmup_ratio=0")
     first = _ok(flaxclf(*_train_args(base_dir, run_dir, "train.max_steps=4", *base)))
     assert "classifier head initialized fresh" in first.stdout + first.stderr
     again = _ok(flaxclf(*_train_args(base_dir, run_dir, "train.max_steps=6", *base)))
     assert f"resumed from {run_dir / 'checkpoints' / '4'} at step 4 of 6" in again.stdout
     assert [r["step"] for r in _records(run_dir) if r["split"] == "validation"] == [2, 4, 6]
+    loss = [r["loss"] for r in _records(run_dir) if r["split"] == "train"]
+    assert len(loss) == 6 and np.mean(loss[-2:]) < np.mean(loss[:2])  # the loss goes down
 
     p = _ok(flaxclf("inspect", str(run_dir), "--text", "not bad at all", "--json", "-"))
     out = json.loads(p.stdout)

@@ -178,3 +178,29 @@ def test_one_step_golden_loss(single_device_run):
         f"step 1 loss is {loss!r}, recorded {GOLDEN_LOSS!r}. Update GOLDEN_LOSS only when the model's init "
         "(tests/conftest.py tiny_model_dir, weights.load_params' head init), the batch (_batches) or the "
         "loss/dropout math was changed on purpose; otherwise this is a regression in the step.")
+
+
+_FAMILY_SHAPE = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=48, max_position_embeddings=66, pad_token_id=0)
+FAMILY_SPECS = {
+    "roberta": BertSpec(**_FAMILY_SHAPE, model_type="roberta", type_vocab_size=1),
+    "electra": BertSpec(**_FAMILY_SHAPE, model_type="electra", embedding_size=16),
+    "distilbert": BertSpec(**_FAMILY_SHAPE, model_type="distilbert", type_vocab_size=0),
+    "albert": BertSpec(**{**_FAMILY_SHAPE, "num_hidden_layers": 4}, model_type="albert", embedding_size=16,
+                       num_hidden_groups=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_SPECS))
+def test_each_family_sharded_step_equals_single_device(family):
+    """Three dropout-on steps of each family on a (2, 2, 2) mesh: the single-device losses and parameters."""
+    from flaxclf.model import ClassifierConfig, init_params
+
+    model = BertClassifier(ClassifierConfig(backbone=FAMILY_SPECS[family], num_labels=NUM_LABELS,
+                                            problem_type=SINGLE))
+    host = jax.device_get(init_params(model, jax.random.PRNGKey(SEED)))
+    ref_losses, ref_state, _ = _train(model, host, _mesh((1, 1, 1)), _batches(3, 16))
+    losses, state, _ = _train(model, host, _mesh((2, 2, 2)), _batches(3, 16))
+    np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
+    _assert_trees_close(state.params, ref_state.params, atol=1e-5)
+    assert _max_diff(jax.device_get(ref_state.params), host) > 1e-3
