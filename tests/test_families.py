@@ -12,7 +12,7 @@ from flaxclf.backbone import BertSpec
 from flaxclf.model import BertClassifier, ClassifierConfig, init_params
 from flaxclf.vocab import SINGLE
 from flaxclf.weights import WeightsError, export_hf, flax_to_pt, from_pretrained
-from tests.torch_ref import needs_hf_flax, needs_torch
+from tests.torch_ref import needs_hf_flax, needs_torch, save_pretrained_bin
 
 _BASE = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
              max_position_embeddings=64)
@@ -115,7 +115,11 @@ def test_a_saved_pytorch_classifier_gives_the_same_logits(case, fmt, tmp_path):
     eval, padding and segments)."""
     torch = needs_torch()
     ref = _torch_classifier(case)
-    ref.save_pretrained(tmp_path, safe_serialization=fmt == "safetensors")
+    if fmt == "bin":
+        save_pretrained_bin(ref, tmp_path)
+    else:
+        ref.save_pretrained(tmp_path)
+    assert (tmp_path / ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")).is_file()
     model, params = from_pretrained(str(tmp_path))
     b = _batch(model.config.backbone)
     with torch.no_grad():
@@ -326,3 +330,15 @@ def test_roberta_takes_two_tokens_fewer_than_its_position_table(tmp_path):
     assert tokens.max_positions(tmp_path) == 512
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "max_position_embeddings": 512}))
     assert tokens.max_positions(tmp_path) == 512
+
+
+def test_another_model_type_is_refused_naming_those_that_load(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32}))
+    with pytest.raises(WeightsError, match=r"is a 'gpt2' model; flaxclf loads albert, bert, camembert, distilbert, "
+                                           r"electra, roberta, xlm-roberta"):
+        from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "albert", "inner_group_num": 2}))
+    with pytest.raises(WeightsError, match="inner_group_num=2 is not supported"):
+        from_pretrained(str(tmp_path))

@@ -74,3 +74,16 @@ def saved_classifier(tmp_path, num_labels=3, seed=0):
     head["bias"] = 0.5 * jax.random.normal(k2, head["bias"].shape)
     export_hf(tmp_path, config, params, tokenizer_dir=None)
     return tmp_path
+
+
+def save_pretrained_bin(model, folder) -> None:
+    """save_pretrained with the weights as pytorch_model.bin (a torch pickle), as older transformers wrote them:
+    transformers 5 writes safetensors whatever safe_serialization says."""
+    torch = needs_torch()
+    import pathlib
+
+    folder = pathlib.Path(folder)
+    model.save_pretrained(folder)
+    for f in folder.glob("model*.safetensors*"):
+        f.unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
