@@ -342,3 +342,25 @@ def test_another_model_type_is_refused_naming_those_that_load(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "albert", "inner_group_num": 2}))
     with pytest.raises(WeightsError, match="inner_group_num=2 is not supported"):
         from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "distilbert"])
+def test_a_pooling_override_replaces_the_familys_dense_layer_and_export_refuses_it(model_type, tmp_path):
+    """pooling=mean: masked mean -> dropout -> the family's last linear layer; the checkpoint's dense layer is
+    left out, and an export, which no PyTorch class could load, is refused in one sentence."""
+    spec = BertSpec(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                    max_position_embeddings=66, model_type=model_type)
+    config = ClassifierConfig(backbone=spec, num_labels=3)
+    export_hf(tmp_path / "clf", config, init_params(BertClassifier(config), jax.random.PRNGKey(0)), None)
+    model, params = from_pretrained(str(tmp_path / "clf"), pooling="mean")
+    assert set(params["params"]) == {"bert", "classifier"}
+    b = _batch(spec)
+    hidden = model.apply(params, **{k: jnp.asarray(v) for k, v in b.items()}, method=BertClassifier.encode)
+    logits = _ours_logits(model, params, b)
+    m = b["attention_mask"][..., None]
+    mean = (np.asarray(hidden) * m).sum(1) / m.sum(1)
+    c = params["params"]["classifier"]
+    np.testing.assert_allclose(logits, mean @ np.asarray(c["kernel"]) + np.asarray(c["bias"]), rtol=0, atol=1e-5)
+    arch = spec.family.architectures[model_type]
+    with pytest.raises(WeightsError, match=f"pooling='mean' has no PyTorch {arch} equivalent"):
+        export_hf(tmp_path / "out", model.config, params, None)
