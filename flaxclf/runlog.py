@@ -82,7 +82,10 @@ class RunLog:
             (self.bar.write if self.bar is not None else print)(text)
 
     def close(self) -> None:
+        """Idempotent: a run that fails closes its log on the way out, after a preempted one already did."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
         if self.tb is not None:
             self.tb.close()
+            self.tb = None

@@ -369,6 +369,10 @@ def run(cfg: RunConfig, show_progress: bool = True) -> dict:
         with _Signals() as signals:
             train_loop(job, log, signals)
         summary = finish(job, log)
+    except BaseException:
+        # tensorboardX's writer thread, left open, fails (and prints) at interpreter exit on Python 3.12.
+        log.close()
+        raise
     finally:
         job.batches.close()
         job.ckpt.close()
