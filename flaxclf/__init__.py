@@ -1,4 +1,5 @@
-"""flaxclf: PyTorch's BertForSequenceClassification in JAX/Flax, with a sharded fine-tuning job around it."""
+"""flaxclf: PyTorch's BertForSequenceClassification (and RoBERTa's, ELECTRA's, DistilBERT's, ALBERT's) in JAX/Flax,
+with a sharded fine-tuning job around it."""
 
 from flaxclf.model import BertClassifier, ClassifierConfig
 from flaxclf.weights import export_hf, from_pretrained

@@ -151,7 +151,7 @@ def _export(args: argparse.Namespace) -> int:
         loaded = predict.load(args.run_dir, step=args.step)
         out = weights.export_hf(args.out_dir, loaded.model.config, loaded.params, loaded.model_dir)
         which = loaded.source
-    print(f"exported {which} to {out}\n  PyTorch: BertForSequenceClassification.from_pretrained({str(out)!r})")
+    print(f"exported {which} to {out}\n  PyTorch: AutoModelForSequenceClassification.from_pretrained({str(out)!r})")
     return 0
 
 
@@ -257,8 +257,9 @@ def _parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", parents=[common], help="write a checkpoint as a Hugging Face (PyTorch) folder",
                        description="Write a run's checkpoint as a folder that transformers' "
-                       "BertForSequenceClassification.from_pretrained loads (config.json, model.safetensors, "
-                       "tokenizer files). Needs pooling=cls_pooler, the only head PyTorch has.")
+                       "AutoModelForSequenceClassification.from_pretrained loads as the family's "
+                       "*ForSequenceClassification (config.json, model.safetensors, tokenizer files). Needs "
+                       "pooling=cls_pooler, the only head PyTorch has.")
     x.add_argument("run_dir", metavar="RUN_DIR", help="a run directory made by `flaxclf train`")
     x.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write: a new or empty one, or an earlier "
                    "flaxclf export (replaced); a folder with other files is refused")

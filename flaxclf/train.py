@@ -419,6 +419,6 @@ def _summary_text(s: dict, best_metric: str) -> str:
     lines.append("    checkpoints/              run the same command again to resume")
     if s.get("export_dir"):
         lines.append(f"    export/                   the {s['exported']} model as a Hugging Face folder "
-                     "(BertForSequenceClassification.from_pretrained)")
+                     "(AutoModelForSequenceClassification.from_pretrained)")
     lines.append(f"  next: flaxclf evaluate {d} --data FILE; flaxclf predict {d} FILE; flaxclf inspect {d}")
     return "\n".join(lines)
