@@ -283,7 +283,7 @@ def classifier_from_meta(meta: dict, cfg: RunConfig) -> tuple[BertClassifier, Pa
     """The model a checkpoint was trained as (the backbone's folder + the head settings saved in its meta)."""
     model_dir = assets.resolve_model(cfg.model.name)
     overrides = dict(meta["classifier"], label_names=tuple(meta["classifier"]["label_names"]))
-    config = weights.classifier_config(model_dir, **overrides)
+    config = weights.classifier_config(model_dir, cfg.model.impl, **overrides)
     return BertClassifier(config, dtype=jnp.dtype(cfg.model.dtype), impl=cfg.model.impl), model_dir
 
 

@@ -113,7 +113,7 @@ def _classifier_overrides(cfg: RunConfig, task: data.Task) -> dict:
 
 
 def _classifier(cfg: RunConfig, model_dir: Path, task: data.Task) -> BertClassifier:
-    config: ClassifierConfig = weights.classifier_config(model_dir, **_classifier_overrides(cfg, task))
+    config: ClassifierConfig = weights.classifier_config(model_dir, cfg.model.impl, **_classifier_overrides(cfg, task))
     return BertClassifier(config, dtype=jnp.dtype(cfg.model.dtype), remat=cfg.model.remat, impl=cfg.model.impl)
 
 

@@ -195,17 +195,22 @@ def from_pretrained(name_or_path: str, num_labels: int | None = None, *, label_n
         overrides["problem_type"] = problem_type
     if classifier_dropout != "hf":
         overrides["classifier_dropout"] = classifier_dropout
-    model = BertClassifier(classifier_config(folder, **overrides), dtype=dtype, remat=remat, impl=impl)
+    model = BertClassifier(classifier_config(folder, impl, **overrides), dtype=dtype, remat=remat, impl=impl)
     params = load_params(model, folder, jax.random.PRNGKey(seed))
     return model, cast_floats(params, param_dtype)
 
 
-def classifier_config(folder: str | Path, **overrides: Any) -> ClassifierConfig:
-    """The classifier described by a folder's config.json, with `overrides` (num_labels, pooling, ...)."""
+def classifier_config(folder: str | Path, impl: str = "fast", **overrides: Any) -> ClassifierConfig:
+    """The classifier described by a folder's config.json, with `overrides` (num_labels, pooling, ...); `impl` is
+    checked against its family (transformers' Flax backbone, impl=hf, is BERT's)."""
     try:
-        return ClassifierConfig.from_hf(read_hf_config(folder), **overrides)
+        config = ClassifierConfig.from_hf(read_hf_config(folder), **overrides)
     except (OSError, ValueError) as e:  # a config.json that is missing, unreadable, or of another model
         raise WeightsError(str(e)) from None
+    if impl == "hf" and config.backbone.family.name != "bert":
+        raise WeightsError(f"model.impl=hf is transformers' FlaxBertModule, for BERT; {folder} is a "
+                           f"{config.backbone.model_type} model: use model.impl=fast")
+    return config
 
 
 def load_params(model: BertClassifier, folder: str | Path, rng: jax.Array) -> dict:

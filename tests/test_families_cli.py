@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 from flaxclf.backbone import BertSpec
 from flaxclf.model import BertClassifier, ClassifierConfig, init_params
 from flaxclf.weights import TOKENIZER_FILES, to_pt_state
-from tests.test_journeys import _ok, _records, _train_args, flaxclf
+from tests.test_journeys import _ok, _records, _refused, _train_args, flaxclf
 from tests.torch_ref import needs_torch
 
 pytestmark = pytest.mark.slow
@@ -84,3 +84,15 @@ def test_fine_tune_resume_inspect_predict_and_export(base_dir, tmp_path):
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     ours = np.array([[r["probs"][n] for n in labels] for r in rows])
     np.testing.assert_allclose(ours, probs, rtol=0, atol=1e-5)
+
+
+def test_impl_hf_is_refused_for_another_family_in_one_line(tmp_path, minilm_dir):
+    """transformers' Flax backbone (model.impl=hf) is BERT's: a RoBERTa run is refused before it starts."""
+    from flaxclf.weights import export_hf
+
+    spec = SPECS["roberta"]
+    config = ClassifierConfig(backbone=spec, num_labels=2)
+    export_hf(tmp_path / "roberta", config, init_params(BertClassifier(config), jax.random.PRNGKey(0)), minilm_dir)
+    p = flaxclf(*_train_args(tmp_path / "roberta", tmp_path / "run", "model.impl=hf", "train.max_steps=2"))
+    _refused(p, "train", "model.impl=hf is transformers' FlaxBertModule, for BERT", "is a roberta model")
+    assert not (tmp_path / "run").exists()
