@@ -21,6 +21,9 @@ and the residual stream stay fp32. On this CPU (AVX-512 bf16) a bf16 dot that re
 than an fp32 one, while a dot that returns bf16 runs no faster than fp32 (bench/README.md).
 Parameter names, initializers and the order of `make_rng` calls follow transformers' modules so that
 `init` gives the same values and dropout draws the same masks (checked in tests/test_fast_bert.py).
+The same encoder serves every family of flaxclf.families: what a family changes (token types, RoBERTa's
+positions, a factorized embedding with its projection, the dropouts after the attention and feed-forward
+outputs, ALBERT's weights shared across layer positions) is read from its spec, not coded as another encoder.
 """
 
 from __future__ import annotations
