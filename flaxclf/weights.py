@@ -230,11 +230,15 @@ def _init_head(expected: dict[Path_, Any], allowed: tuple[Path_, ...], initializ
     """The head's dense layers initialized as HF's _init_weights does (normal(0, initializer_range) kernels, zero
     biases), without initializing the backbone."""
     out = {}
-    head = sorted(p for p in expected if any(p[: len(a)] == a for a in allowed))
-    for i, path in enumerate(head):
+    for path in (p for p in expected if any(p[: len(a)] == a for a in allowed)):
         shape = expected[path].shape
-        out[path] = (np.asarray(jax.random.normal(jax.random.fold_in(rng, i), shape)) * initializer_range
-                     if path[-1] == "kernel" else np.zeros(shape, np.float32))
+        if path[-1] != "kernel":
+            out[path] = np.zeros(shape, np.float32)
+            continue
+        # The classifier's kernel draws from `rng` itself (as before families had a second head layer, so a
+        # BERT run starts from the same head); the dense layer before it from a key of its own.
+        key = rng if path[: len(HEAD)] == HEAD else jax.random.fold_in(rng, 1)
+        out[path] = np.asarray(jax.random.normal(key, shape)) * initializer_range
     return out
 
 
