@@ -134,7 +134,7 @@ class BertSpec:
         out = {family.hf_key(k): v for k, v in asdict(self).items() if k not in skip}
         if family.embedding_project != "never":
             out["embedding_size"] = self.embedding_width
-        if family.name != "distilbert":
+        if family.position_embedding_type:
             out["position_embedding_type"] = "absolute"
         return {"model_type": self.model_type, **out, **extra}
 

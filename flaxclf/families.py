@@ -50,6 +50,7 @@ class Family:
     defaults: dict[str, Any] = field(default_factory=dict)
     model_type_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)  # where a variant's class differs
     unused: tuple[str, ...] = ()  # BertSpec fields the family's config.json does not have
+    position_embedding_type: bool = True  # whether its config.json has that key (DistilBERT's has none)
     # State dict: (HF module prefix, canonical module prefix), longest prefix first at use; weights of other
     # heads (pretraining, language modelling) that a classifier ignores.
     names: tuple[tuple[str, str], ...] = ()
@@ -101,6 +102,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                          intermediate_size="hidden_dim", hidden_act="activation", hidden_dropout_prob="dropout",
                          attention_probs_dropout_prob="attention_dropout"),
         defaults=dict(num_hidden_layers=6, type_vocab_size=0), unused=("type_vocab_size", "layer_norm_eps"),
+        position_embedding_type=False,
         names=(("distilbert.embeddings.", "bert.embeddings."),
                ("distilbert.transformer.layer.{n}.attention.q_lin.", _BERT_LAYER + "attention.self.query."),
                ("distilbert.transformer.layer.{n}.attention.k_lin.", _BERT_LAYER + "attention.self.key."),

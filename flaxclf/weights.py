@@ -53,9 +53,8 @@ def pt_to_flax(family: Family, name: str) -> tuple[Path_, bool] | None:
     if canonical is None:
         return None
     *mods, pt_leaf = canonical.split(".")
-    mods = tuple(mods)
-    leaf, transpose = _leaf(mods, pt_leaf)
-    return mods + (leaf,), transpose
+    leaf, transpose = _leaf(tuple(mods), pt_leaf)
+    return (*mods, leaf), transpose
 
 
 def flax_to_pt(family: Family, path: Path_) -> tuple[str, bool]:
@@ -63,14 +62,6 @@ def flax_to_pt(family: Family, path: Path_) -> tuple[str, bool]:
     *mods, leaf = path
     pt_leaf = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}[leaf]
     return families.to_hf(family, ".".join([*mods, pt_leaf])), leaf == "kernel"
-
-
-def _hf_flax_to_pt_name(path: Path_) -> tuple[str, str]:
-    """A path of transformers' Flax checkpoints (Flax*Model or Flax*For*) -> (PyTorch-style module name, leaf)."""
-    if path[0] == "params":
-        path = path[1:]
-    *mods, leaf = path
-    return ".".join([*mods, "weight"]), leaf
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -88,13 +79,13 @@ def read_checkpoint(folder: Path, family: Family) -> dict[Path_, np.ndarray]:
 
         tree = msgpack_restore((folder / "flax_model.msgpack").read_bytes())
         out = {}
-        for path, arr in flatten_dict(tree).items():  # Flax names are PyTorch's, with Flax's leaves
-            name, leaf = _hf_flax_to_pt_name(path)
-            if families.is_ignored(family, name):
-                continue
-            ours = pt_to_flax(family, name)
-            out[ours[0][:-1] + (leaf,) if ours else tuple(name[:-len(".weight")].split(".")) + (leaf,)] = \
-                np.asarray(arr)
+        for path, arr in flatten_dict(tree).items():
+            # transformers' Flax module paths are its PyTorch names; only the leaves differ, and they are ours.
+            *mods, leaf = path[1:] if path[0] == "params" else path
+            name = ".".join(mods) + ".weight"
+            if not families.is_ignored(family, name):
+                module = (families.to_canonical(family, name) or name).split(".")[:-1]
+                out[(*module, leaf)] = np.asarray(arr)
         return out
     if (folder / "pytorch_model.bin").is_file():
         return _from_pt_names(family, _read_torch_bin(folder / "pytorch_model.bin"))
