@@ -190,6 +190,7 @@ class Checkpointer:
 RESUME_KEYS = ("model.name", "model.pooling", "model.problem_type", "model.param_dtype",
                "data.task", "data.train_file", "data.format", "data.text_column", "data.text_pair_column",
                "data.label_column", "data.label_type", "data.max_length", "data.buckets", "data.empty_text",
+               "data.long_text", "data.stride", "data.head_tokens",
                "train.global_batch_size", "train.seed")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from flaxclf.config import ConfigError
 from flaxclf.hostmem import keep_freed_memory
-from flaxclf.vocab import FILE_FORMATS, INPUT_FORMATS, POOLINGS
+from flaxclf.vocab import CHUNK_AGGREGATIONS, FILE_FORMATS, INPUT_FORMATS, LONG_TEXTS, POOLINGS
 
 DEFAULT_TEXT = "a gripping, funny and moving film"
 _MODEL_HELP = ("a run directory (made by `flaxclf train`), a Hugging Face model folder, or a packaged model name "
@@ -66,6 +66,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from flaxclf import data, metrics, predict
 
     loaded = predict.load(args.model, step=args.step, max_length=args.max_length)
+    loaded.read_long_text(args.long_text, args.stride, args.head_tokens, args.chunk_aggregation)
     for note in loaded.notes:
         print(f"flaxclf evaluate: note: {note}", file=sys.stderr)
     cfg = predict.eval_data_config(loaded, args.data, format=args.format, text_column=args.text_column,
@@ -78,7 +79,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise predict.InferenceError(f"the data has no {split!r} split (it has {', '.join(splits)}); pass --split "
                                      "or --data FILE")
     where = args.data or (f"data.task {cfg.task}" if cfg.train_file is None else f"data.{split}_file")
-    labels = predict.align_labels(splits[split].labels, task.label_names, loaded, where)
+    labels = predict.align_labels(splits[split].text_labels(), task.label_names, loaded, where)
     z = predict.logits(loaded, splits[split], args.batch_size, progress=not args.no_progress and
                        len(splits[split]) > 8 * args.batch_size)
     result = metrics.compute_metrics(loaded.problem_type, z, labels, None, loaded.label_names)
@@ -118,9 +119,10 @@ def _predict(args: argparse.Namespace) -> int:
 
     texts, pairs = read_texts(args.input, args.input_format, args.text_column, args.text_pair_column)
     loaded = predict.load(args.model, step=args.step, max_length=args.max_length)
+    loaded.read_long_text(args.long_text, args.stride, args.head_tokens, args.chunk_aggregation)
     for note in loaded.notes:
         print(f"flaxclf predict: note: {note}", file=sys.stderr)
-    split = predict.tokenize(loaded.model_dir, texts, pairs, loaded.max_length)
+    split = predict.tokenize(loaded, texts, pairs)
     z = predict.logits(loaded, split, args.batch_size, progress=not args.no_progress and
                        len(texts) > 4 * args.batch_size)
     rows = predict.prediction_rows(loaded, texts, z, args.threshold)
@@ -200,7 +202,19 @@ def _add_model_args(p: argparse.ArgumentParser, what: str = _MODEL_HELP) -> None
     p.add_argument("--step", type=_step, default=None,
                    help="with a run directory: a checkpoint step, 'best' or 'last' (default: last)")
     p.add_argument("--max-length", type=int, default=None,
-                   help="truncate texts to this many tokens (default: the run's data.max_length, else 128)")
+                   help="tokens per row (default: the run's data.max_length, else 128)")
+
+
+def _add_long_text_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("texts longer than --max-length (default: the run's data.long_text settings, else "
+                             "truncate)")
+    g.add_argument("--long-text", choices=LONG_TEXTS, help="truncate: keep the first tokens; head_tail: the first "
+                   "and last; chunks: read every token in overlapping windows, one prediction per text")
+    g.add_argument("--stride", type=int, help="chunks: tokens each window shares with the one before")
+    g.add_argument("--head-tokens", type=int, help="head_tail: tokens kept from the start (default: a quarter)")
+    g.add_argument("--chunk-aggregation", choices=CHUNK_AGGREGATIONS,
+                   help="chunks: mean_logits (average the windows' logits) or max_prob (each class's highest "
+                   "probability over the windows)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -229,6 +243,7 @@ def _parser() -> argparse.ArgumentParser:
                        "(accuracy, F1, per-class scores, confusion matrix) and optionally writes JSON.")
     _add_model_args(e)
     _add_data_args(e)
+    _add_long_text_args(e)
     e.add_argument("--batch-size", type=int, default=64, help="texts per batch (default: 64)")
     e.add_argument("--json", metavar="FILE", help="also write the metrics as JSON to FILE; '-' prints only the JSON "
                    "on stdout")
@@ -253,6 +268,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--threshold", type=float, default=0.5, help="multi-label: probability above which a label is "
                    "predicted (default: 0.5)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar on long inputs")
+    _add_long_text_args(r)
     r.set_defaults(fn=_predict)
 
     x = sub.add_parser("export", parents=[common], help="write a checkpoint as a Hugging Face (PyTorch) folder",

@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from flaxclf.backbone import hf_flax_problem
-from flaxclf.vocab import HF_POOLING, FileFormat, Impl, Pooling, ProblemType
+from flaxclf.vocab import HF_POOLING, ChunkAggregation, FileFormat, Impl, LongText, Pooling, ProblemType
 
 
 class ConfigError(ValueError):
@@ -60,6 +60,27 @@ class DataConfig:
     empty_text: Literal["error", "skip"] = "error"
     cache_dir: str | None = None  # tokenization cache; None: under the flaxclf cache
     prefetch: int = 2  # batches placed on the devices ahead of the step
+    # Texts longer than max_length. truncate: keep the first tokens. head_tail: keep the first head_tokens and
+    # the last (max_length - specials - head_tokens) tokens (Sun et al. 2019). chunks: windows of max_length
+    # overlapping by `stride` tokens, each with its text's label; evaluation and predict aggregate a text's
+    # windows (chunk_aggregation) so every metric counts texts.
+    long_text: LongText = "truncate"
+    stride: int = 32  # chunks: tokens each window shares with the one before
+    head_tokens: int | None = None  # head_tail: tokens kept from the start; None: a quarter of the window
+    chunk_aggregation: ChunkAggregation = "mean_logits"
+
+
+@dataclass
+class LossConfig:
+    # Per-class weights of the single-label loss: none, balanced (n_samples / (n_classes * count) over the
+    # training split, as scikit-learn computes it), a list in label order, or a mapping label name -> weight
+    # (labels left out weigh 1). PyTorch's CrossEntropyLoss(weight=...): a weighted mean.
+    class_weights: Literal["none", "balanced"] | list[float] | dict[str, float] = "none"
+    # Multi-label: the weight of each label's positive term, as BCEWithLogitsLoss(pos_weight=...): none,
+    # balanced (negatives / positives per label over the training split), one number for every label, a list
+    # in label order, or a mapping label name -> weight.
+    pos_weight: Literal["none", "balanced"] | float | list[float] | dict[str, float] = "none"
+    label_smoothing: float = 0.0  # single-label: CrossEntropyLoss(label_smoothing=...)
 
 
 @dataclass
@@ -93,6 +114,10 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     best_metric: str = "accuracy"  # eval metric that picks the exported model
+    # Stop after this many evaluations in a row without best_metric improving on its best by more than
+    # early_stopping_min_delta; null: never stop early. The best model is exported as usual.
+    early_stopping_patience: int | None = None
+    early_stopping_min_delta: float = 0.0
     export: Literal["best", "final"] = "best"
     output_dir: str = "runs/default"
 
@@ -119,6 +144,7 @@ class DistributedConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -162,6 +188,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: {value!r} is not a list; write it as [a, b, ...]")
         return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, value_tp = get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: {value!r} is not a mapping; write it as {{name: value, ...}}")
+        return {_coerce(key, k, key_tp): _coerce(f"{key}[{k!r}]", v, value_tp) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: {value!r} is not a bool; use true or false")
@@ -285,6 +316,16 @@ def validate(cfg: RunConfig) -> None:
     _check(len(d.buckets) > 0 and all(b > 0 for b in d.buckets),
            f"data.buckets: {d.buckets} must be a non-empty list of positive lengths")
     _check(d.prefetch >= 0, f"data.prefetch: {d.prefetch} must be >= 0")
+    _check(d.stride >= 0, f"data.stride: {d.stride} must be >= 0")
+    _check(d.head_tokens is None or d.head_tokens >= 0, f"data.head_tokens: {d.head_tokens} must be >= 0 or null")
+    _check(d.long_text == "truncate" or d.text_pair_column is None,
+           f"data.long_text={d.long_text} works on single texts; with data.text_pair_column use truncate")
+    _check(t.early_stopping_patience is None or t.early_stopping_patience >= 1,
+           f"train.early_stopping_patience: {t.early_stopping_patience} must be >= 1 or null")
+    _check(t.early_stopping_min_delta >= 0,
+           f"train.early_stopping_min_delta: {t.early_stopping_min_delta} must be >= 0")
+    ls = cfg.loss.label_smoothing
+    _check(0.0 <= ls < 1.0, f"loss.label_smoothing: {ls} must be in [0, 1)")
     _check(t.global_batch_size > 0, f"train.global_batch_size: {t.global_batch_size} must be positive")
     _check(t.eval_batch_size > 0, f"train.eval_batch_size: {t.eval_batch_size} must be positive")
     _check(t.epochs > 0, f"train.epochs: {t.epochs} must be positive")

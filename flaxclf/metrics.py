@@ -130,6 +130,26 @@ def compute_metrics(problem_type: str, logits: np.ndarray, labels: np.ndarray, w
     raise ValueError(f"unknown problem type {problem_type!r}; use one of {', '.join(PROBLEM_TYPES)}")
 
 
+def learns_nothing(result: dict[str, Any], label_names: Sequence[str], share: float = 0.95) -> str | None:
+    """One line when a single-label evaluation shows a model that has not learned the task: one class predicted
+    for at least `share` of the rows, or a macro-F1 no better than always predicting the most frequent class."""
+    if "confusion_matrix" not in result:
+        return None
+    cm = np.asarray(result["confusion_matrix"])
+    n, pred, true = cm.sum(), cm.sum(0), cm.sum(1)
+    top, major = int(pred.argmax()), int(true.argmax())
+    # Always predicting the majority class: F1 2m / (n + m) on it, 0 on every other class seen in the labels.
+    baseline = 2 * true[major] / (n + true[major]) / max(int((true > 0).sum()), 1)
+    if pred[top] < share * n and result["macro_f1"] > baseline + 1e-12:
+        return None
+    counts = ", ".join(f"{name} {int(c)}" for name, c in zip(label_names, pred, strict=True))
+    truth = ", ".join(f"{name} {int(c)}" for name, c in zip(label_names, true, strict=True))
+    return (f"the model learned little: it predicts {label_names[top]} for {pred[top] / n:.0%} of {n} rows "
+            f"(predicted: {counts}; true: {truth}), macro-F1 {result['macro_f1']:.4f} against {baseline:.4f} for "
+            f"always {label_names[major]}; try loss.class_weights=balanced, more train.epochs, or a higher "
+            "optim.learning_rate")
+
+
 def scalars(metrics: dict[str, Any]) -> dict[str, float]:
     """The top-level numbers of a metrics dict, e.g. for TensorBoard or best-model selection."""
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "count"}

@@ -16,7 +16,8 @@ import numpy as np
 
 from flaxclf import assets, data, weights
 from flaxclf.config import DataConfig, RunConfig, from_dict
-from flaxclf.data import tokens
+from flaxclf.data import long_text, tokens
+from flaxclf.data.long_text import LongText
 from flaxclf.model import BertClassifier
 from flaxclf.vocab import HF_POOLING, MULTI, REGRESSION, SINGLE
 
@@ -42,6 +43,23 @@ class Loaded:
     buckets: list[int]
     run_config: RunConfig | None = None  # set when loaded from a run directory
     notes: list[str] = field(default_factory=list)
+    # How texts longer than max_length are read, and how a text's windows combine (data.long_text).
+    long_text: str = "truncate"
+    stride: int = DataConfig().stride
+    head_tokens: int | None = None
+    chunk_aggregation: str = DataConfig().chunk_aggregation
+
+    @property
+    def long_text_spec(self) -> LongText:
+        return LongText(self.long_text, self.max_length, self.stride, self.head_tokens)
+
+    def read_long_text(self, mode: str | None = None, stride: int | None = None, head_tokens: int | None = None,
+                       aggregation: str | None = None) -> None:
+        """Command-line choices over the run's data.long_text settings (None keeps the run's)."""
+        self.long_text = mode or self.long_text
+        self.stride = self.stride if stride is None else stride
+        self.head_tokens = self.head_tokens if head_tokens is None else head_tokens
+        self.chunk_aggregation = aggregation or self.chunk_aggregation
 
     @property
     def label_names(self) -> list[str]:
@@ -119,21 +137,26 @@ def _load_run(run_dir: Path, step: str | int | None, max_length: int | None) -> 
         model = BertClassifier(weights.classifier_config(export, pooling=cfg.model.pooling),
                                dtype=jnp.dtype(cfg.model.dtype), impl=cfg.model.impl)
         params, which = weights.load_params(model, export, jax.random.PRNGKey(0)), "export/"
-    return Loaded(model, params, model_dir, f"{run_dir} ({which})", max_length or cfg.data.max_length,
-                  list(cfg.data.buckets), cfg)
+    d = cfg.data
+    return Loaded(model, params, model_dir, f"{run_dir} ({which})", max_length or d.max_length, list(d.buckets), cfg,
+                  long_text=d.long_text, stride=d.stride, head_tokens=d.head_tokens,
+                  chunk_aggregation=d.chunk_aggregation)
 
 
 # ---------------------------------------------------------------------------------------------- batching
 
 
-def tokenize(model_dir: Path, texts: Sequence[str], pairs: Sequence[str] | None, max_length: int,
-             ) -> data.TokenizedSplit:
-    """Texts as a labelless TokenizedSplit (one process), ready for data.eval_batches."""
-    tok = data.load_tokenizer(model_dir, max_length)
-    arrays = tokens.encode(tok, list(texts), list(pairs) if pairs is not None else None)
-    n = len(texts)
+def tokenize(loaded: Loaded, texts: Sequence[str], pairs: Sequence[str] | None) -> data.TokenizedSplit:
+    """Texts as a labelless TokenizedSplit (one process), read as the model's long_text settings say."""
+    spec = loaded.long_text_spec
+    if pairs is not None and spec.mode != "truncate":
+        raise InferenceError(f"long_text={spec.mode} works on single texts; pass --long-text truncate for pairs")
+    tok = data.load_tokenizer(loaded.model_dir, spec.max_length)
+    arrays = tokens.tokenize(tok, list(texts), list(pairs) if pairs is not None else None, spec)
+    doc = arrays["doc"]
     return data.TokenizedSplit("predict", arrays["input_ids"], arrays["token_type_ids"], arrays["offsets"],
-                               np.zeros(n, np.int32), np.arange(n), n, max_length, 0, 1)
+                               np.zeros(len(doc), np.int32), doc, len(texts), spec.max_length, 0, 1,
+                               chunked=spec.mode == "chunks")
 
 
 def _forward(model: BertClassifier):
@@ -141,7 +164,8 @@ def _forward(model: BertClassifier):
 
 
 def logits(loaded: Loaded, split: data.TokenizedSplit, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-    """Float32 logits [N, C] in the split's row order, batched by length bucket like evaluation in training."""
+    """Float32 logits [N, C] of the split's texts in row order (a chunked split's windows aggregated per text),
+    batched by length bucket like evaluation in training."""
     if len(split) == 0:
         return np.zeros((0, loaded.model.config.num_labels), np.float32)
     plan = data.eval_plan(split, batch_size, loaded.buckets, None)
@@ -160,6 +184,8 @@ def logits(loaded: Loaded, split: data.TokenizedSplit, batch_size: int = 64, pro
             bar.update(len(idx))
     if bar is not None:
         bar.close()
+    if split.chunked:
+        return long_text.aggregate(loaded.problem_type, loaded.chunk_aggregation, out, split.rows)[1]
     return out
 
 
@@ -220,7 +246,9 @@ def eval_data_config(loaded: Loaded, file: str | None, **columns: Any) -> DataCo
     """The data to evaluate on: a file (read like a training file), else the run's own data settings, else the
     packaged task."""
     base = loaded.run_config.data if loaded.run_config is not None else DataConfig()
-    cfg = DataConfig(**{**base.__dict__, "buckets": list(loaded.buckets), "max_length": loaded.max_length})
+    cfg = DataConfig(**{**base.__dict__, "buckets": list(loaded.buckets), "max_length": loaded.max_length,
+                        "long_text": loaded.long_text, "stride": loaded.stride, "head_tokens": loaded.head_tokens,
+                        "chunk_aggregation": loaded.chunk_aggregation})
     if file is not None:
         if not Path(file).expanduser().exists():  # named as the user gave it, not as the data.train_file it becomes
             raise InferenceError(f"--data {file} does not exist; check the path")

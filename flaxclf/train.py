@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,7 +18,8 @@ import numpy as np
 import yaml
 from jax.experimental import multihost_utils
 
-from flaxclf import assets, data, distributed, metrics, sharding, weights
+from flaxclf import assets, data, distributed, losses, metrics, sharding, stopping, weights
+from flaxclf.data import long_text
 from flaxclf.checkpoint import (
     CHECKPOINTS,
     UNREADABLE_SUFFIX,
@@ -33,7 +35,7 @@ from flaxclf.model import BertClassifier, ClassifierConfig, cast_floats
 from flaxclf.optim import lr_schedule, make_optimizer
 from flaxclf.runlog import METRICS_FILE, RunLog
 from flaxclf.steps import TrainState, abstract_state, compile_steps, create_state, state_shardings
-from flaxclf.vocab import HF_POOLING
+from flaxclf.vocab import HF_POOLING, REGRESSION
 
 # What a run writes at the top of its directory; the header marks config.yaml (and so the folder) as flaxclf's.
 RUN_FILES = ("config.yaml", "labels.json", METRICS_FILE, "tb", CHECKPOINTS, CHECKPOINTS + UNREADABLE_SUFFIX,
@@ -100,6 +102,8 @@ class Job:
     schedule: Any
     ckpt: Checkpointer
     best: dict  # {"value", "step"} of the best validation metric so far
+    loss: losses.LossSpec
+    early: dict  # flaxclf.stopping's state: evaluations without improvement, and whether the run stopped
 
 
 def _classifier_overrides(cfg: RunConfig, task: data.Task) -> dict:
@@ -122,7 +126,8 @@ def _meta(job: Job) -> dict:
     classifier = _classifier_overrides(job.cfg, job.task)
     return {"model": job.cfg.model.name, "label_names": list(job.task.label_names),
             "problem_type": job.model.config.problem_type, "data": job.batches.state(),
-            "config": job.cfg.to_dict(), "best": job.best,
+            "config": job.cfg.to_dict(), "best": job.best, "early_stopping": job.early,
+            "loss": dataclasses.asdict(job.loss),
             "classifier": {**classifier, "label_names": list(classifier["label_names"])}}
 
 
@@ -138,6 +143,8 @@ def setup(cfg: RunConfig) -> Job:
         raise data.DataError("there is no training split; set data.train_file or a packaged data.task")
     model = _classifier(cfg, model_dir, task)
     _check_best_metric(cfg, model.config.problem_type, "validation" in splits)
+    loss = losses.resolve(cfg.loss, model.config.problem_type, task.label_names, task.train_labels)
+    _check_long_text(cfg, model.config.problem_type)
     batch_s = sharding.batch_sharding(mesh)
     batches = data.TrainBatches(splits["train"], cfg.train.global_batch_size, cfg.data.buckets, cfg.train.seed,
                                 batch_s, prefetch=cfg.data.prefetch)
@@ -154,7 +161,7 @@ def setup(cfg: RunConfig) -> Job:
     except BaseException:
         ckpt.close()  # a refused run must not leave orbax's threads to fail (and print) at interpreter exit
         raise
-    best = {"value": None, "step": None}
+    best, early = {"value": None, "step": None}, stopping.initial()
     if restored is None:
         host = weights.load_params(model, model_dir, jax.random.PRNGKey(cfg.train.seed))
         host = cast_floats(host, jnp.dtype(cfg.model.param_dtype))
@@ -163,10 +170,10 @@ def setup(cfg: RunConfig) -> Job:
         state, meta = restored
         batches.restore(meta["data"])
         best = meta.get("best", best)
-    train_step, eval_step = compile_steps(model, tx, model.config.problem_type, cfg.optim.grad_accum_steps,
-                                          mesh, shardings)
+        early = meta.get("early_stopping", early)
+    train_step, eval_step = compile_steps(model, tx, loss, cfg.optim.grad_accum_steps, mesh, shardings)
     return Job(cfg, run_dir, model_dir, mesh, task, splits, model, batches, total, abstract, shardings, state,
-               train_step, eval_step, lr_schedule(cfg.optim, total), ckpt, best)
+               train_step, eval_step, lr_schedule(cfg.optim, total), ckpt, best, loss, early)
 
 
 def _check_best_metric(cfg: RunConfig, problem_type: str, has_validation: bool) -> None:
@@ -175,6 +182,15 @@ def _check_best_metric(cfg: RunConfig, problem_type: str, has_validation: bool) 
     if has_validation and cfg.train.best_metric not in names:
         raise ConfigError(f"train.best_metric {cfg.train.best_metric!r} is not a validation metric of "
                           f"{problem_type}; use one of {', '.join(names)}")
+    if cfg.train.early_stopping_patience is not None and not has_validation:
+        raise ConfigError("train.early_stopping_patience watches the validation split, and this data has none; "
+                          "set data.validation_file or train.early_stopping_patience=null")
+
+
+def _check_long_text(cfg: RunConfig, problem_type: str) -> None:
+    if cfg.data.long_text == "chunks" and cfg.data.chunk_aggregation == "max_prob" and problem_type == REGRESSION:
+        raise ConfigError("data.chunk_aggregation=max_prob needs class probabilities; a regression model "
+                          "averages its windows: use data.chunk_aggregation=mean_logits")
 
 
 def _restore(ckpt: Checkpointer, abstract, shardings, cfg: RunConfig, task: data.Task, run_dir: Path):
@@ -198,15 +214,22 @@ def _restore(ckpt: Checkpointer, abstract, shardings, cfg: RunConfig, task: data
 def evaluate(job: Job, params: Any, split: str) -> dict:
     """Metrics over every example of a split exactly once (padding rows have weight 0), on any mesh."""
     batch_s = sharding.batch_sharding(job.mesh)
-    out = {"logits": [], "labels": [], "weight": []}
-    for batch in data.eval_batches(job.splits[split], job.cfg.train.eval_batch_size, job.cfg.data.buckets,
+    rows = job.splits[split]
+    out = {"logits": [], "labels": [], "weight": [], "row": []}
+    for batch in data.eval_batches(rows, job.cfg.train.eval_batch_size, job.cfg.data.buckets,
                                    batch_s, prefetch=job.cfg.data.prefetch):
         logits = job.eval_step(params, batch)
-        for k, v in (("logits", logits), ("labels", batch["labels"]), ("weight", batch["weight"])):
+        for k, v in (("logits", logits), ("labels", batch["labels"]), ("weight", batch["weight"]),
+                     ("row", batch["row"])):
             out[k].append(sharding.to_host(v))
     cat = {k: np.concatenate(v) for k, v in out.items()}
-    return metrics.compute_metrics(job.model.config.problem_type, cat["logits"], cat["labels"], cat["weight"],
-                                   job.task.label_names)
+    problem_type = job.model.config.problem_type
+    if rows.chunked:  # one prediction per text: its windows' outputs combined, every text counted once
+        keep = cat["weight"] > 0
+        _, z, first = long_text.aggregate(problem_type, job.cfg.data.chunk_aggregation, cat["logits"][keep],
+                                          cat["row"][keep])
+        return metrics.compute_metrics(problem_type, z, cat["labels"][keep][first], None, job.task.label_names)
+    return metrics.compute_metrics(problem_type, cat["logits"], cat["labels"], cat["weight"], job.task.label_names)
 
 
 def check_output_dir(run_dir: Path) -> None:
@@ -231,7 +254,8 @@ def _write_run_files(job: Job) -> None:
         return
     job.run_dir.mkdir(parents=True, exist_ok=True)
     (job.run_dir / "config.yaml").write_text(CONFIG_HEADER + yaml.safe_dump(job.cfg.to_dict(), sort_keys=False))
-    labels = {"problem_type": job.model.config.problem_type, "id2label": job.model.config.id2label}
+    labels = {"problem_type": job.model.config.problem_type, "id2label": job.model.config.id2label,
+              "loss": dataclasses.asdict(job.loss)}
     (job.run_dir / "labels.json").write_text(json.dumps(labels, indent=2) + "\n")
 
 
@@ -267,7 +291,7 @@ def train_loop(job: Job, log: RunLog, signals: _Signals) -> None:
     """Steps until total_steps: dispatch step n+1 before pulling step n's metrics to the host."""
     cfg, step = job.cfg, int(jax.device_get(job.state.step))
     window, pending = _Window(), None
-    while step < job.total_steps:
+    while step < job.total_steps and not job.early["stopped"]:
         batch = next(job.batches)
         job.state, m = job.train_step(job.state, batch)
         step += 1
@@ -291,7 +315,11 @@ def train_loop(job: Job, log: RunLog, signals: _Signals) -> None:
             log.say(f"step {step} validation: {shown}")
             step_metrics = _track_best(job, step, result)
             window = _Window()  # examples/s counts training time only
-        if step_metrics is not None or save_now or step == job.total_steps:
+        if job.early["stopped"]:
+            log.say(f"early stopping at step {step}: validation {cfg.train.best_metric} has not improved by more "
+                    f"than {cfg.train.early_stopping_min_delta} for {job.early['bad_evals']} evaluations (best "
+                    f"{job.best['value']:.4f} at step {job.best['step']})")
+        if step_metrics is not None or save_now or step == job.total_steps or job.early["stopped"]:
             job.ckpt.save(step, job.state, _meta(job), step_metrics)
         if stop:
             job.ckpt.save(step, job.state, _meta(job), step_metrics)
@@ -321,6 +349,9 @@ def _track_best(job: Job, step: int, result: dict) -> dict | None:
     if value is None:
         raise TrainingError(f"train.best_metric {name!r} is not among the validation metrics "
                             f"{sorted(metrics.scalars(result))}; pick one of them")
+    t = job.cfg.train
+    job.early = stopping.update(job.early, value, job.best["value"], lower_is_better=lower_is_better(name),
+                                min_delta=t.early_stopping_min_delta, patience=t.early_stopping_patience)
     # Ties go to the later step, as orbax's BestN keeps the later of equal scores: the two must agree.
     better = job.best["value"] is None or (
         value <= job.best["value"] if lower_is_better(name) else value >= job.best["value"])
@@ -337,11 +368,14 @@ def finish(job: Job, log: RunLog) -> dict:
     if job.cfg.train.export == "best" and best_step is not None and best_step != int(job.state.step):
         params = job.ckpt.restore_params(best_step, job.abstract.params, job.shardings.params)
         which = f"best (step {best_step})"
-    summary = {"run_dir": str(job.run_dir), "exported": which, "best": job.best, "steps": int(job.state.step)}
+    summary = {"run_dir": str(job.run_dir), "exported": which, "best": job.best, "steps": int(job.state.step),
+               "early_stopped": job.early["stopped"], "loss": dataclasses.asdict(job.loss), "warnings": []}
     for split in ("validation", "test"):
         if split in job.splits:
             result = evaluate(job, params, split)
             summary[split] = metrics.scalars(result)
+            if warning := metrics.learns_nothing(result, job.task.label_names):
+                summary["warnings"].append(f"{split}: {warning}")
             log.write({"step": int(job.state.step), "split": f"{split}_{which.split()[0]}", **result})
     host = jax.tree.map(sharding.to_host, params)
     if jax.process_index() == 0:
@@ -361,10 +395,15 @@ def run(cfg: RunConfig, show_progress: bool = True) -> dict:
     _write_run_files(job)
     start = int(jax.device_get(job.state.step))
     log = RunLog(job.run_dir, job.total_steps, start, show_progress)
-    if start:
+    if job.early["stopped"]:
+        log.say(f"the run in {job.run_dir} stopped early at step {start} (train.early_stopping_patience); "
+                "nothing left to train: exporting its best model again")
+    elif start:
         log.say(f"resumed from {job.ckpt.directory / str(start)} at step {start} of {job.total_steps}")
     else:
         log.say(f"training {job.total_steps} steps from step 0 into {job.run_dir}")
+    if note := losses.describe(job.loss, job.task.label_names):
+        log.say(note)
     try:
         with _Signals() as signals:
             train_loop(job, log, signals)
@@ -404,13 +443,15 @@ def _summary_text(s: dict, best_metric: str) -> str:
     """The end-of-run summary: the best metric, the final scores, and where each output is."""
     d = s["run_dir"]
     best = s.get("best") or {}
-    lines = [f"done: {s['steps']} steps in {s['wall_s']:.0f} s"]
+    early = " (stopped early: train.early_stopping_patience)" if s.get("early_stopped") else ""
+    lines = [f"done: {s['steps']} steps in {s['wall_s']:.0f} s{early}"]
     if best.get("value") is not None:
         lines.append(f"  best validation {best_metric}: {best['value']:.4f} at step {best['step']}")
     for split in ("validation", "test"):
         if split in s:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in s[split].items() if k in _SHOWN)
             lines.append(f"  {split} ({s['exported']} model): {shown}")
+    lines += [f"  warning: {w}" for w in s.get("warnings", [])]
     lines.append(f"  run directory {d}/")
     lines.append("    config.yaml, labels.json  the resolved config and the label map")
     lines.append(f"    metrics.jsonl, tb/        every logged number (tensorboard --logdir {d}/tb)")

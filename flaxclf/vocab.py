@@ -25,3 +25,9 @@ INPUT_FORMATS: tuple[str, ...] = get_args(InputFormat)
 
 Impl = Literal["fast", "hf"]
 IMPLS: tuple[str, ...] = get_args(Impl)
+
+# Texts longer than data.max_length, and how a long text's windows combine into its prediction.
+LongText = Literal["truncate", "head_tail", "chunks"]
+LONG_TEXTS: tuple[str, ...] = get_args(LongText)
+ChunkAggregation = Literal["mean_logits", "max_prob"]
+CHUNK_AGGREGATIONS: tuple[str, ...] = get_args(ChunkAggregation)

@@ -325,15 +325,24 @@ def eval_plan(split: TokenizedSplit, global_batch_size: int, buckets: Sequence[i
 
 def eval_batches(split: TokenizedSplit, global_batch_size: int, buckets: Sequence[int],
                  sharding: jax.sharding.NamedSharding | None, prefetch: int = 2) -> Iterator[dict]:
-    """Every row of the split exactly once (fields as in training; filler rows have weight 0).
+    """Every row of the split exactly once (fields as in training, plus "row"; filler rows have weight 0).
 
     Every process must call it at the same time (it agrees on per-bucket counts with the others).
     """
     plan = eval_plan(split, global_batch_size, buckets, sharding)
     local_batch = global_batch_size // split.process_count
-    stream = (_place(_host_batch(split, idx, length, local_batch), sharding, global_batch_size)
+    stream = (_place(_eval_batch(split, idx, length, local_batch), sharding, global_batch_size)
               for length, idx in plan)
     return _prefetched(stream, prefetch) if prefetch > 0 else stream
+
+
+def _eval_batch(split: TokenizedSplit, idx: np.ndarray, length: int, local_batch: int) -> dict[str, np.ndarray]:
+    """A training-style batch plus "row": each row's text index (-1 for fillers), so the windows of a text
+    (data.long_text=chunks) can be brought together wherever the batch was evaluated."""
+    batch = _host_batch(split, idx, length, local_batch)
+    row = np.full(local_batch, -1, np.int32)
+    row[:len(idx)] = split.rows[idx]
+    return {**batch, "row": row}
 
 
 def _prefetched(stream: Iterator, size: int) -> Iterator:

@@ -12,10 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from flaxclf import assets
 from flaxclf.config import DataConfig
 from flaxclf.data import batches, labels, readers, tokens
+from flaxclf.data.long_text import LongText
 from flaxclf.data.types import SPLITS, DataError, Task, TokenizedSplit
 
 
@@ -72,16 +74,63 @@ def load_task(cfg: DataConfig, model_dir: Path, process_index: int | None = None
     tables, cols, fixed = _split_tables(cfg, say)
     rows = {s: labels.select_rows(t, cols, say) for s, t in tables.items()}
     task, label_arrays = labels.encode_labels(rows, cols.label_type, fixed)
+    task.train_labels = label_arrays.get("train")
     tok = tokens.load_tokenizer(model_dir, cfg.max_length)
     tok_hash = tokens.tokenizer_hash(model_dir)
     cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else assets.cache_root() / "tokenized"
+    spec = long_text_spec(cfg)
     splits = {}
     for s, r in rows.items():
         slots = train_batch_size if s == "train" else None
         mine = batches.host_rows(len(r.keep), pi, pc, slots)
         texts = [r.texts[i] for i in mine]
         pairs = [r.pairs[i] for i in mine] if r.pairs is not None else None
-        arrays, hit = tokens.tokenize_cached(tok, tok_hash, texts, pairs, cfg.max_length, cache_dir, s)
+        arrays, hit = tokens.tokenize_cached(tok, tok_hash, texts, pairs, spec, cache_dir, s)
+        doc = arrays["doc"]
         splits[s] = TokenizedSplit(s, arrays["input_ids"], arrays["token_type_ids"], arrays["offsets"],
-                                   label_arrays[s][mine], mine, len(r.keep), cfg.max_length, pi, pc, hit, slots)
+                                   label_arrays[s][mine][doc], mine[doc], len(r.keep), cfg.max_length, pi, pc,
+                                   hit, slots, chunked=spec.mode == "chunks")
+        report = length_report(s, arrays["full_lengths"], len(doc), spec, limit, pc == jax.process_count())
+        if report:
+            say(report)
     return task, splits
+
+
+def long_text_spec(cfg: DataConfig) -> LongText:
+    return LongText(cfg.long_text, cfg.max_length, cfg.stride, cfg.head_tokens)
+
+
+def _gather(local: np.ndarray) -> np.ndarray:
+    """Every process's 1-D int array, concatenated (process_allgather needs equal shapes: pad with -1)."""
+    from jax.experimental import multihost_utils
+
+    n = np.asarray(multihost_utils.process_allgather(np.array([len(local)], np.int64))).reshape(-1)
+    padded = np.full(int(n.max()), -1, np.int64)
+    padded[:len(local)] = local
+    out = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(n), -1)
+    return np.concatenate([row[:k] for row, k in zip(out, n, strict=True)])
+
+
+def length_report(split: str, full_lengths: np.ndarray, rows: int, spec: LongText, limit: int | None,
+                  everyone: bool) -> str | None:
+    """One line on the texts longer than max_length (over all processes when `everyone`), with a suggestion
+    when many are cut; None when none is longer."""
+    if everyone and jax.process_count() > 1:
+        full_lengths = _gather(full_lengths)
+        rows = int(_gather(np.array([rows], np.int64)).sum())
+    over = full_lengths[full_lengths > spec.max_length] - spec.max_length
+    if over.size == 0:
+        return None
+    n = full_lengths.size
+    line = (f"{split}: {over.size} of {n} texts ({over.size / n:.1%}) are longer than data.max_length "
+            f"{spec.max_length} tokens, by a median of {int(np.median(over))} and a p95 of "
+            f"{int(np.percentile(over, 95))} tokens; ")
+    if spec.mode == "chunks":
+        return line + f"data.long_text=chunks reads them whole as {rows} windows"
+    line += ("their first tokens are kept" if spec.mode == "truncate"
+             else "their first and last tokens are kept (data.long_text=head_tail)")
+    if spec.mode == "truncate" and over.size >= 0.1 * n:
+        room = f" (the model takes up to {limit})" if limit and limit > spec.max_length else ""
+        line += (f"; to read more of them, set data.long_text=head_tail or chunks, or raise data.max_length"
+                 f"{room}")
+    return line

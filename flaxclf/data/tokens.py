@@ -1,8 +1,9 @@
 """Texts -> token ids with the model's tokenizer, cached on disk.
 
 Tokenization uses the model's fast tokenizer (the same Rust tokenizer as transformers' BertTokenizerFast) with
-truncation (``longest_first`` for pairs) and is cached as .npz keyed by a hash of the tokenized texts, of the
-tokenizer files and of max_length.
+truncation (``longest_first`` for pairs), or cuts the untruncated encodings (flaxclf.data.long_text), and is
+cached as .npz keyed by a hash of the tokenized texts, of the tokenizer files and of the length settings. Every
+split also keeps each text's untruncated length, for the report of how many texts are cut.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from flaxclf import assets
+from flaxclf.data import long_text
+from flaxclf.data.long_text import LongText
 from flaxclf.data.types import DataError
 from flaxclf.files import apply_umask
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"
+_ARRAYS = ("input_ids", "token_type_ids", "offsets", "full_lengths", "doc")
 # BertTokenizerFast's arguments (with its defaults) and the normalizer fields it rebuilds them into.
 _BERT_NORMALIZER = {"do_lower_case": ("lowercase", True), "strip_accents": ("strip_accents", None),
                     "tokenize_chinese_chars": ("handle_chinese_chars", True)}
@@ -97,6 +101,30 @@ def encode(tok, texts: list[str], pairs: list[str] | None) -> dict[str, np.ndarr
             "offsets": offsets}
 
 
+def _untruncated(tok):
+    full = type(tok).from_str(tok.to_str())
+    full.no_truncation()
+    return full
+
+
+def tokenize(tok, texts: list[str], pairs: list[str] | None, spec: LongText) -> dict[str, np.ndarray]:
+    """The rows as the settings ask: input_ids, token_type_ids and offsets of each row (a window, under
+    chunks), full_lengths (each text's untruncated length, specials included) and doc (each row's text)."""
+    full_tok = _untruncated(tok)
+    full = encode(full_tok, texts, pairs)
+    if spec.mode == "truncate":
+        out = encode(tok, texts, pairs) if (np.diff(full["offsets"]) > spec.max_length).any() else dict(full)
+        doc = np.arange(len(texts), dtype=np.int64)
+    else:
+        prefix, suffix = long_text.special_counts(full_tok)
+        if spec.mode == "head_tail":
+            out = long_text.head_tail(full, prefix, suffix, spec.max_length, spec.head_tokens)
+            doc = np.arange(len(texts), dtype=np.int64)
+        else:
+            out, doc = long_text.chunks(full, prefix, suffix, spec.max_length, spec.stride)
+    return {**out, "full_lengths": np.diff(full["offsets"]), "doc": doc}
+
+
 def tokenizer_hash(model_dir: Path) -> str:
     """sha256 over the tokenizer files the model folder has."""
     h = hashlib.sha256()
@@ -106,8 +134,8 @@ def tokenizer_hash(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def _content_hash(texts: list[str], pairs: list[str] | None, tok_hash: str, max_length: int) -> str:
-    h = hashlib.sha256(f"v{_CACHE_VERSION}|{tok_hash}|{max_length}|{pairs is not None}|{len(texts)}".encode())
+def _content_hash(texts: list[str], pairs: list[str] | None, tok_hash: str, spec: LongText) -> str:
+    h = hashlib.sha256(f"v{_CACHE_VERSION}|{tok_hash}|{spec.key()}|{pairs is not None}|{len(texts)}".encode())
     for i, t in enumerate(texts):
         h.update(t.encode("utf-8", "surrogatepass") + b"\x00")
         if pairs is not None:
@@ -118,7 +146,7 @@ def _content_hash(texts: list[str], pairs: list[str] | None, tok_hash: str, max_
 def _cache_load(path: Path) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in ("input_ids", "token_type_ids", "offsets")}
+            return {k: z[k] for k in _ARRAYS}
     except (OSError, KeyError, ValueError):
         return None  # absent or damaged: tokenize again
 
@@ -137,18 +165,20 @@ def _cache_save(path: Path, arrays: dict[str, np.ndarray]) -> None:
         raise
 
 
-def tokenize_cached(tok, tok_hash: str, texts: list[str], pairs: list[str] | None, max_length: int,
+def tokenize_cached(tok, tok_hash: str, texts: list[str], pairs: list[str] | None, spec: LongText,
                     cache_dir: Path, split: str) -> tuple[dict[str, np.ndarray], bool]:
-    """(input_ids, token_type_ids, offsets) of the rows, and whether they came from the .npz cache."""
-    key = _content_hash(texts, pairs, tok_hash, max_length)
+    """tokenize()'s arrays, and whether they came from the .npz cache."""
+    key = _content_hash(texts, pairs, tok_hash, spec)
     path = cache_dir / f"{split}-{key[:40]}.npz"
     hit = _cache_load(path)
-    if hit is not None and len(hit["offsets"]) == len(texts) + 1:
+    if hit is not None and len(hit["full_lengths"]) == len(texts):
         return hit, True
     try:
-        arrays = encode(tok, texts, pairs)
+        arrays = tokenize(tok, texts, pairs, spec)
+    except DataError:
+        raise
     except Exception as e:  # noqa: BLE001 - the Rust tokenizer raises plain Exception
-        raise DataError(f"could not tokenize the {split} rows with max_length {max_length} ({e}); raise "
+        raise DataError(f"could not tokenize the {split} rows with max_length {spec.max_length} ({e}); raise "
                         f"data.max_length") from None
     _cache_save(path, arrays)
     return arrays, False
