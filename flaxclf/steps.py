@@ -73,16 +73,16 @@ def _micro_batches(batch: dict, k: int, mesh: Mesh) -> dict:
 
 
 def train_step(state: TrainState, batch: dict, *, model: BertClassifier, tx: optax.GradientTransformation,
-               problem_type: str, accum_steps: int, mesh: Mesh) -> tuple[TrainState, dict]:
+               loss_spec: losses.LossSpec | str, accum_steps: int, mesh: Mesh) -> tuple[TrainState, dict]:
     """One optimizer step on one global batch, split into `accum_steps` micro-batches whose summed gradients
-    equal the full batch's (each micro-loss divides by the whole batch's weight)."""
+    equal the full batch's (each micro-loss divides by the whole batch's denominator, class weights included)."""
     key = jax.random.fold_in(state.rng, state.step)
-    denominator = jnp.maximum(batch["weight"].sum(), 1.0)
+    denominator = losses.batch_denominator(loss_spec, batch["labels"], batch["weight"])
 
     def loss_fn(params, micro, micro_key):
         logits = model.apply(params, micro["input_ids"], micro["attention_mask"], micro["token_type_ids"],
                              deterministic=False, rngs={"dropout": micro_key})
-        return losses.loss(problem_type, logits, micro["labels"], micro["weight"], denominator)
+        return losses.loss(loss_spec, logits, micro["labels"], micro["weight"], denominator)
 
     grad_fn = jax.value_and_grad(loss_fn)
     if accum_steps == 1:
@@ -106,12 +106,13 @@ def eval_step(params: Any, batch: dict, *, model: BertClassifier) -> jax.Array:
     return model.apply(params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
 
 
-def compile_steps(model: BertClassifier, tx: optax.GradientTransformation, problem_type: str, accum_steps: int,
-                  mesh: Mesh, shardings: TrainState) -> tuple[Callable, Callable]:
-    """train_step and eval_step under jax.jit with explicit shardings; the state is donated."""
+def compile_steps(model: BertClassifier, tx: optax.GradientTransformation, loss_spec: losses.LossSpec | str,
+                  accum_steps: int, mesh: Mesh, shardings: TrainState) -> tuple[Callable, Callable]:
+    """train_step and eval_step under jax.jit with explicit shardings; the state is donated. `loss_spec`: a
+    LossSpec, or a plain problem type for PyTorch's loss with no weights."""
     batch_s = sharding.batch_sharding(mesh)
     train = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, problem_type=problem_type, accum_steps=accum_steps,
+        functools.partial(train_step, model=model, tx=tx, loss_spec=loss_spec, accum_steps=accum_steps,
                           mesh=mesh),
         in_shardings=(shardings, batch_s), out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0)

@@ -19,7 +19,6 @@ import yaml
 from jax.experimental import multihost_utils
 
 from flaxclf import assets, data, distributed, losses, metrics, sharding, stopping, weights
-from flaxclf.data import long_text
 from flaxclf.checkpoint import (
     CHECKPOINTS,
     UNREADABLE_SUFFIX,
@@ -31,6 +30,7 @@ from flaxclf.checkpoint import (
     moved_aside,
 )
 from flaxclf.config import ConfigError, RunConfig
+from flaxclf.data import long_text
 from flaxclf.model import BertClassifier, ClassifierConfig, cast_floats
 from flaxclf.optim import lr_schedule, make_optimizer
 from flaxclf.runlog import METRICS_FILE, RunLog

@@ -30,7 +30,8 @@ def _rows(arrays: dict) -> list[list[int]]:
 
 @pytest.mark.parametrize("max_length,stride", [(16, 4), (16, 0), (24, 10), (32, 13), (128, 32)])
 def test_chunks_are_the_windows_tokenizers_gives_with_stride_and_overflowing_tokens(minilm_dir, max_length, stride):
-    texts = _texts(40, 0, 1, 4 * max_length) + ["x", "a b", " ".join(["good"] * (max_length - 2)), " ".join(["good"] * (max_length - 1))]
+    edges = [" ".join(["good"] * n) for n in (max_length - 2, max_length - 1)]  # one window; just two
+    texts = _texts(40, 0, 1, 4 * max_length) + ["x", "a b", *edges]
     ours = tokens.tokenize(tokens.load_tokenizer(minilm_dir, max_length), texts, None,
                            LongText("chunks", max_length, stride))
     ref = tokens.load_tokenizer(minilm_dir, max_length)

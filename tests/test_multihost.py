@@ -185,3 +185,55 @@ def test_two_processes_preempted_and_resumed_equal_one_process(tmp_path, tiny_mo
           f"params by up to {moved:.3g}")
     assert moved > 1e-4  # the comparison is not between two untrained models
     assert diff <= 1e-5
+
+
+def test_two_processes_evaluate_chunked_texts_as_one_process_does(tmp_path, tiny_model_dir):
+    """data.long_text=chunks on two processes: every text's windows are trained on and brought together into one
+    prediction per text wherever they were evaluated, so metrics count texts and equal one process's."""
+    from safetensors.numpy import load_file
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DRIVER)
+    rng = np.random.default_rng(1)
+    words = "good bad film plot actor scene boring great slow funny dull moving".split()
+    for name, n in (("train", 64), ("val", 23)):
+        lines = []
+        for _ in range(n):
+            text = " ".join(rng.choice(words, size=int(rng.integers(4, 90))))
+            lines.append(f"{text},{'pos' if text.count('good') > text.count('bad') else 'neg'}\n")
+        (tmp_path / f"{name}.csv").write_text("text,label\n" + "".join(lines))
+    common = [f"model.name={tiny_model_dir}", "data.task=null", f"data.train_file={tmp_path / 'train.csv'}",
+              f"data.validation_file={tmp_path / 'val.csv'}", "data.max_length=16", "data.buckets=[8, 16]",
+              "data.long_text=chunks", "data.stride=4", "optim.learning_rate=1.0e-3", "train.global_batch_size=16",
+              "train.max_steps=4", "train.eval_every=2", "train.export=final", "checkpoint.every_steps=0",
+              "mesh.data=-1", "mesh.fsdp=2"]
+    config = str(REPO / "configs" / "tiny.yaml")
+    port = _free_port()
+    multi = [{"devices": 4, "config": config, "report": str(tmp_path / f"chunks-p{i}.json"),
+              "overrides": common + [f"train.output_dir={tmp_path / 'multi'}", f"data.cache_dir={tmp_path / 'cm'}",
+                                     "distributed.mode='on'", f"distributed.coordinator_address=127.0.0.1:{port}",
+                                     "distributed.num_processes=2", "distributed.cpu_collectives=gloo",
+                                     f"distributed.process_id={i}"]} for i in (0, 1)]
+    single = {"devices": 8, "config": config, "report": str(tmp_path / "chunks-single.json"),
+              "overrides": common + [f"train.output_dir={tmp_path / 'single'}", f"data.cache_dir={tmp_path / 'cs'}",
+                                     "distributed.mode='off'"]}
+    codes = _launch(driver, multi + [single], tmp_path)
+    assert [c for c, _ in codes] == [0, 0, 0], "\n".join(t for _, t in codes)
+
+    reports = [_read(tmp_path / f"chunks-p{i}.json") for i in (0, 1)]
+    windows = [len(r["splits"]["validation"]["rows"]) for r in reports]
+    assert sum(windows) > 2 * 23  # the texts really were cut into windows, shared by text between the processes
+    assert set(reports[0]["splits"]["validation"]["rows"]) == set(range(0, 23, 2))
+
+    def evals(run: str) -> list[dict]:
+        records = map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+        return [r for r in records if r["split"].startswith("validation")]
+
+    got, want = evals("multi"), evals("single")
+    assert [r["step"] for r in got] == [2, 4, 4] and all(r["count"] == 23 for r in got + want)
+    for g, w in zip(got, want, strict=True):
+        assert g["confusion_matrix"] == w["confusion_matrix"]
+        assert g["macro_f1"] == w["macro_f1"]
+    a = load_file(str(tmp_path / "multi" / "export" / "model.safetensors"))
+    b = load_file(str(tmp_path / "single" / "export" / "model.safetensors"))
+    assert max(float(np.max(np.abs(a[k].astype(np.float64) - b[k]))) for k in a) <= 1e-5
