@@ -83,6 +83,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     z = predict.logits(loaded, splits[split], args.batch_size, progress=not args.no_progress and
                        len(splits[split]) > 8 * args.batch_size)
     result = metrics.compute_metrics(loaded.problem_type, z, labels, None, loaded.label_names)
+    if warning := metrics.learns_nothing(result, loaded.label_names):
+        print(f"flaxclf evaluate: warning: {warning}", file=sys.stderr)
     if args.json != "-":
         print(f"{loaded.source} on {where} ({split if not args.data else 'file'}, {len(z)} examples)")
         print(metrics.format_table(result))
