@@ -11,7 +11,6 @@ per-class recall of the exported model, and the learns-nothing warning where the
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -48,16 +47,8 @@ def test_recalls(run_dir: str) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("/tmp/flaxclf-class-weights"))
-    p.add_argument("--train", type=int, default=600, help="training rows")
-    p.add_argument("--validation", type=int, default=200)
-    p.add_argument("--test", type=int, default=400)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("overrides", nargs="*", help="train overrides for both runs, e.g. train.epochs=2")
-    args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    files = write_data(args.out, {"train": args.train, "validation": args.validation, "test": args.test}, args.seed)
+    args = runs.parser(__doc__, "/tmp/flaxclf-class-weights", 600).parse_args()
+    files = write_data(args.out, runs.sizes(args), args.seed)
     print(f"rows: {args.train} train, {args.validation} validation, {args.test} test; classes "
           + ", ".join(f"{k} {v:.0%}" for k, v in SHARES.items()), flush=True)
     results = {}

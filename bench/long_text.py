@@ -15,7 +15,6 @@ counted per document, and each run's wall time.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -72,17 +71,10 @@ def run_mode(mode: str, files: dict[str, Path], out: Path, extra: list[str]) -> 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("/tmp/flaxclf-long-text"))
-    p.add_argument("--train", type=int, default=1600, help="training documents")
-    p.add_argument("--validation", type=int, default=200)
-    p.add_argument("--test", type=int, default=400)
-    p.add_argument("--seed", type=int, default=0)
+    p = runs.parser(__doc__, "/tmp/flaxclf-long-text", 1600)
     p.add_argument("--modes", default="truncate,head_tail,chunks")
-    p.add_argument("overrides", nargs="*", help="train overrides for every mode, e.g. train.epochs=2")
     args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    files = write_data(args.out, {"train": args.train, "validation": args.validation, "test": args.test}, args.seed)
+    files = write_data(args.out, runs.sizes(args), args.seed)
     lengths = token_lengths(files)
     print(f"documents: {args.train} train, {args.validation} validation, {args.test} test; test length in tokens: "
           f"median {lengths['median']:.0f}, p95 {lengths['p95']:.0f}; {lengths['over_128']:.0%} over 128", flush=True)

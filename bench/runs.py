@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -30,3 +31,20 @@ def train(run_dir: Path, files: dict[str, Path], overrides: list[str]) -> dict:
     if proc.returncode:
         raise SystemExit(f"{run_dir.name}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
     return {**json.loads((run_dir / "summary.json").read_text()), "stdout": proc.stdout, "wall_s": wall}
+
+
+def parser(doc: str, out: str, train_rows: int) -> argparse.ArgumentParser:
+    """The arguments every data benchmark takes: where to write, the split sizes, the seed, train overrides."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path(out))
+    p.add_argument("--train", type=int, default=train_rows, help="training rows (documents)")
+    p.add_argument("--validation", type=int, default=200)
+    p.add_argument("--test", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", help="train overrides for every run, e.g. train.epochs=2")
+    return p
+
+
+def sizes(args: argparse.Namespace) -> dict[str, int]:
+    args.out.mkdir(parents=True, exist_ok=True)
+    return {"train": args.train, "validation": args.validation, "test": args.test}

@@ -38,6 +38,12 @@ def _step(text: str) -> str | int | None:
     raise argparse.ArgumentTypeError(f"{text!r} is not a step number, 'best' or 'last'")
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text} is not a count of tokens (>= 0)")
+    return int(text)
+
+
 def _write_json(obj: dict, dest: str) -> None:
     text = json.dumps(obj, indent=2) + "\n"
     if dest == "-":
@@ -212,8 +218,8 @@ def _add_long_text_args(p: argparse.ArgumentParser) -> None:
                              "truncate)")
     g.add_argument("--long-text", choices=LONG_TEXTS, help="truncate: keep the first tokens; head_tail: the first "
                    "and last; chunks: read every token in overlapping windows, one prediction per text")
-    g.add_argument("--stride", type=int, help="chunks: tokens each window shares with the one before")
-    g.add_argument("--head-tokens", type=int, help="head_tail: tokens kept from the start (default: a quarter)")
+    g.add_argument("--stride", type=_count, help="chunks: tokens each window shares with the one before")
+    g.add_argument("--head-tokens", type=_count, help="head_tail: tokens kept from the start (default: a quarter)")
     g.add_argument("--chunk-aggregation", choices=CHUNK_AGGREGATIONS,
                    help="chunks: mean_logits (average the windows' logits) or max_prob (each class's highest "
                    "probability over the windows)")

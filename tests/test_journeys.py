@@ -147,22 +147,27 @@ def test_exported_files_are_readable_by_the_group_and_others(early_best_run):
 # ---------------------------------------------------------------------------------------------- kill -9
 
 
-def test_kill_9_mid_run_then_the_same_command_finishes_as_an_uninterrupted_run(tmp_path, tiny_model_dir):
-    extra = ("train.max_steps=40", "train.eval_every=20", "train.log_every=1", "checkpoint.every_steps=4")
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    _ok(flaxclf(*_train_args(tiny_model_dir, whole, *extra)))
-    proc = subprocess.Popen(_cmd(*_train_args(tiny_model_dir, killed, *extra)), cwd=ROOT, env=_env(),
+def kill_9_after(model_dir: Path, run_dir: Path, step: int, *extra: str) -> None:
+    """Starts the training command and sends it SIGKILL once metrics.jsonl has logged `step`."""
+    proc = subprocess.Popen(_cmd(*_train_args(model_dir, run_dir, *extra)), cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        steps = [r["step"] for r in _records(killed)] if (killed / "metrics.jsonl").is_file() else []
-        if steps and max(steps) >= 10:
+        steps = [r["step"] for r in _records(run_dir)] if (run_dir / "metrics.jsonl").is_file() else []
+        if steps and max(steps) >= step:
             break
         time.sleep(0.02)
     assert proc.poll() is None, "precondition: the run must still be going when it is killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (killed / "summary.json").exists()
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_kill_9_mid_run_then_the_same_command_finishes_as_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    extra = ("train.max_steps=40", "train.eval_every=20", "train.log_every=1", "checkpoint.every_steps=4")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    _ok(flaxclf(*_train_args(tiny_model_dir, whole, *extra)))
+    kill_9_after(tiny_model_dir, killed, 10, *extra)
     again = _ok(flaxclf(*_train_args(tiny_model_dir, killed, *extra)))
     assert "resumed from" in again.stdout + again.stderr
     _same_weights(whole / "export", killed / "export")

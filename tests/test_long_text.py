@@ -201,3 +201,5 @@ def test_long_text_settings_that_cannot_work_are_refused_in_one_line(tmp_path, t
     _refused(_flaxclf(*base, "data.long_text=chunks", "data.text_pair_column=text"), "train",
              "data.long_text=chunks works on single texts")
     assert not (tmp_path / "run").exists()
+    _refused(_flaxclf("predict", tiny_model_dir, train, "--input-format", "csv", "--long-text", "chunks",
+                      "--stride", "-1"), "predict", "--stride: -1 is not a count of tokens (>= 0)")

@@ -2,9 +2,6 @@
 metric sequence, and a kill -9 during patience that resumes to the same stopping step and params."""
 
 import json
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -73,7 +70,7 @@ def test_a_run_stops_at_the_predicted_step_and_exports_its_best(tmp_path, tiny_m
 
 @pytest.mark.slow
 def test_kill_9_during_patience_resumes_to_the_same_stopping_step_and_params(tmp_path, tiny_model_dir):
-    from tests.test_journeys import _cmd, _env, _ok, _records, _same_weights, _train_args, flaxclf
+    from tests.test_journeys import _ok, _records, _same_weights, _train_args, flaxclf, kill_9_after
 
     # min_delta 1.0: no evaluation after the first can improve on accuracy, so with evaluations every 4 steps and
     # patience 3 the run stops at the 4th evaluation, step 16, of 40 (by hand).
@@ -85,18 +82,7 @@ def test_kill_9_during_patience_resumes_to_the_same_stopping_step_and_params(tmp
     summary = json.loads((whole / "summary.json").read_text())
     assert summary["steps"] == 16 and summary["early_stopped"] is True
 
-    proc = subprocess.Popen(_cmd(*_train_args(tiny_model_dir, killed, *extra)), cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # kill between evaluations 2 and 3 (bad_evals 1)
-        steps = [r["step"] for r in _records(killed)] if (killed / "metrics.jsonl").is_file() else []
-        if steps and max(steps) >= 10:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "precondition: the run must still be going when it is killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "summary.json").exists()
+    kill_9_after(tiny_model_dir, killed, 10, *extra)  # between evaluations 2 and 3: bad_evals is 1
     again = _ok(flaxclf(*_train_args(tiny_model_dir, killed, *extra)))
     assert "resumed from" in again.stdout and "early stopping at step 16" in again.stdout
     assert json.loads((killed / "summary.json").read_text())["steps"] == 16
