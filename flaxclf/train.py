@@ -35,7 +35,7 @@ from flaxclf.model import BertClassifier, ClassifierConfig, cast_floats
 from flaxclf.optim import lr_schedule, make_optimizer
 from flaxclf.runlog import METRICS_FILE, RunLog
 from flaxclf.steps import TrainState, abstract_state, compile_steps, create_state, state_shardings
-from flaxclf.vocab import HF_POOLING, REGRESSION
+from flaxclf.vocab import HF_POOLING
 
 # What a run writes at the top of its directory; the header marks config.yaml (and so the folder) as flaxclf's.
 RUN_FILES = ("config.yaml", "labels.json", METRICS_FILE, "tb", CHECKPOINTS, CHECKPOINTS + UNREADABLE_SUFFIX,
@@ -144,7 +144,8 @@ def setup(cfg: RunConfig) -> Job:
     model = _classifier(cfg, model_dir, task)
     _check_best_metric(cfg, model.config.problem_type, "validation" in splits)
     loss = losses.resolve(cfg.loss, model.config.problem_type, task.label_names, task.train_labels)
-    _check_long_text(cfg, model.config.problem_type)
+    if cfg.data.long_text == "chunks":
+        long_text.check_aggregation(model.config.problem_type, cfg.data.chunk_aggregation)
     batch_s = sharding.batch_sharding(mesh)
     batches = data.TrainBatches(splits["train"], cfg.train.global_batch_size, cfg.data.buckets, cfg.train.seed,
                                 batch_s, prefetch=cfg.data.prefetch)
@@ -187,12 +188,6 @@ def _check_best_metric(cfg: RunConfig, problem_type: str, has_validation: bool) 
                           "set data.validation_file or train.early_stopping_patience=null")
 
 
-def _check_long_text(cfg: RunConfig, problem_type: str) -> None:
-    if cfg.data.long_text == "chunks" and cfg.data.chunk_aggregation == "max_prob" and problem_type == REGRESSION:
-        raise ConfigError("data.chunk_aggregation=max_prob needs class probabilities; a regression model "
-                          "averages its windows: use data.chunk_aggregation=mean_logits")
-
-
 def _restore(ckpt: Checkpointer, abstract, shardings, cfg: RunConfig, task: data.Task, run_dir: Path):
     """(state, meta) of the run directory's newest readable checkpoint after checking that it fits this run;
     None for a directory without checkpoints. Never silently starts over where checkpoints were."""
@@ -214,9 +209,9 @@ def _restore(ckpt: Checkpointer, abstract, shardings, cfg: RunConfig, task: data
 def evaluate(job: Job, params: Any, split: str) -> dict:
     """Metrics over every example of a split exactly once (padding rows have weight 0), on any mesh."""
     batch_s = sharding.batch_sharding(job.mesh)
-    rows = job.splits[split]
+    tokenized = job.splits[split]
     out = {"logits": [], "labels": [], "weight": [], "row": []}
-    for batch in data.eval_batches(rows, job.cfg.train.eval_batch_size, job.cfg.data.buckets,
+    for batch in data.eval_batches(tokenized, job.cfg.train.eval_batch_size, job.cfg.data.buckets,
                                    batch_s, prefetch=job.cfg.data.prefetch):
         logits = job.eval_step(params, batch)
         for k, v in (("logits", logits), ("labels", batch["labels"]), ("weight", batch["weight"]),
@@ -224,7 +219,7 @@ def evaluate(job: Job, params: Any, split: str) -> dict:
             out[k].append(sharding.to_host(v))
     cat = {k: np.concatenate(v) for k, v in out.items()}
     problem_type = job.model.config.problem_type
-    if rows.chunked:  # one prediction per text: its windows' outputs combined, every text counted once
+    if tokenized.chunked:  # one prediction per text: its windows' outputs combined, every text counted once
         keep = cat["weight"] > 0
         _, z, first = long_text.aggregate(problem_type, job.cfg.data.chunk_aggregation, cat["logits"][keep],
                                           cat["row"][keep])

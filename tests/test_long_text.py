@@ -2,8 +2,6 @@
 commands end to end on long texts (train, resume, evaluate, predict), where every metric counts texts."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 from flaxclf.data import long_text, tokens
 from flaxclf.data.long_text import LongText
 from flaxclf.vocab import MULTI, SINGLE
+from tests.test_journeys import _ok, _refused, flaxclf, tree_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the film was good bad slow moving great dull funny plot actor scene boring brilliant awful story "
@@ -107,18 +106,6 @@ def test_aggregation_by_hand():
 # ---------------------------------------------------------------------------------------------- the commands
 
 
-def _flaxclf(*args, timeout: int = 600) -> subprocess.CompletedProcess:
-    from tests.test_journeys import _env
-
-    return subprocess.run([sys.executable, "-m", "flaxclf.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=_env(), timeout=timeout)
-
-
-def _ok(p):
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
-
-
 def _long_csv(path: Path, n: int, seed: int) -> list[str]:
     """Texts of 20-150 words whose label is in their last words (so a cut text loses it)."""
     import pandas as pd
@@ -144,22 +131,22 @@ def test_chunks_train_resume_evaluate_predict_count_texts(tmp_path, tiny_model_d
             "data.task=null", f"data.train_file={train}", f"data.validation_file={val}", "data.max_length=32",
             "data.buckets=[16, 32]", "data.long_text=chunks", "data.stride=8", f"data.cache_dir={tmp_path / 'c'}",
             f"train.output_dir={run}", "train.eval_every=4", "checkpoint.every_steps=4"]
-    first = _ok(_flaxclf(*args, "train.max_steps=4"))
+    first = _ok(flaxclf(*args, "train.max_steps=4"))
     assert "validation: 21 of 21 texts (100.0%) are longer than data.max_length 32 tokens" in first.stdout
     assert "data.long_text=chunks reads them whole as" in first.stdout
-    again = _ok(_flaxclf(*args, "train.max_steps=8"))
+    again = _ok(flaxclf(*args, "train.max_steps=8"))
     assert f"resumed from {run / 'checkpoints' / '4'} at step 4 of 8" in again.stdout
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["split"].startswith("validation")]
     assert [r["step"] for r in evals] == [4, 4, 8, 8] and all(r["count"] == 21 for r in evals)
 
-    out = _ok(_flaxclf("evaluate", run, "--data", val, "--json", "-", "--no-progress"))
+    out = _ok(flaxclf("evaluate", run, "--data", val, "--json", "-", "--no-progress"))
     result = json.loads(out.stdout)
     assert result["count"] == 21 and sum(sum(row) for row in result["confusion_matrix"]) == 21
     final = [r for r in evals if r["split"] == "validation_final"][0]
     assert result["accuracy"] == pytest.approx(final["accuracy"], abs=1e-12)
 
-    pred = _ok(_flaxclf("predict", run, val, "--input-format", "csv", "--format", "jsonl", "--no-progress"))
+    pred = _ok(flaxclf("predict", run, val, "--input-format", "csv", "--format", "jsonl", "--no-progress"))
     rows = [json.loads(x) for x in pred.stdout.splitlines()]
     assert [r["text"] for r in rows] == val_texts
     names = ["neg", "pos"]
@@ -169,9 +156,15 @@ def test_chunks_train_resume_evaluate_predict_count_texts(tmp_path, tiny_model_d
     assert all(set(r["probs"]) == set(names) for r in rows)
 
     # The same checkpoint read with truncation: one row per text too, and (almost surely) other numbers.
-    trunc = json.loads(_ok(_flaxclf("evaluate", run, "--data", val, "--json", "-", "--long-text", "truncate",
+    trunc = json.loads(_ok(flaxclf("evaluate", run, "--data", val, "--json", "-", "--long-text", "truncate",
                                     "--no-progress")).stdout)
     assert trunc["count"] == 21
+
+    # Rerun in the same directory with the texts read another way: refused by name, nothing touched.
+    before = tree_hash(run)
+    _refused(flaxclf(*[a for a in args if a != "data.long_text=chunks"], "train.max_steps=10"), "train",
+             "data.long_text: chunks -> truncate", "checkpoint.fresh=true")
+    assert tree_hash(run) == before
 
 
 def test_short_texts_predict_the_same_under_chunks_and_truncate(tmp_path, tiny_model_dir):
@@ -190,16 +183,14 @@ def test_short_texts_predict_the_same_under_chunks_and_truncate(tmp_path, tiny_m
 
 
 def test_long_text_settings_that_cannot_work_are_refused_in_one_line(tmp_path, tiny_model_dir):
-    from tests.test_journeys import _refused
-
     train = tmp_path / "train.csv"
     _long_csv(train, 40, 0)
     base = ["train", "--config", ROOT / "configs" / "tiny.yaml", f"model.name={tiny_model_dir}", "data.task=null",
             f"data.train_file={train}", f"train.output_dir={tmp_path / 'run'}", "data.max_length=16"]
-    _refused(_flaxclf(*base, "data.long_text=chunks", "data.stride=20"), "train",
+    _refused(flaxclf(*base, "data.long_text=chunks", "data.stride=20"), "train",
              "data.stride 20 leaves no new tokens", "use data.stride < 14")
-    _refused(_flaxclf(*base, "data.long_text=chunks", "data.text_pair_column=text"), "train",
+    _refused(flaxclf(*base, "data.long_text=chunks", "data.text_pair_column=text"), "train",
              "data.long_text=chunks works on single texts")
     assert not (tmp_path / "run").exists()
-    _refused(_flaxclf("predict", tiny_model_dir, train, "--input-format", "csv", "--long-text", "chunks",
+    _refused(flaxclf("predict", tiny_model_dir, train, "--input-format", "csv", "--long-text", "chunks",
                       "--stride", "-1"), "predict", "--stride: -1 is not a count of tokens (>= 0)")

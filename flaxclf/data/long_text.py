@@ -112,6 +112,13 @@ def chunks(arrays: dict[str, np.ndarray], prefix: int, suffix: int, max_length: 
     return _assemble(arrays, starts, lens), row
 
 
+def check_aggregation(problem_type: str, how: str) -> None:
+    """max_prob needs class probabilities: a regression model can only average its windows."""
+    if how == "max_prob" and problem_type == REGRESSION:
+        raise DataError("data.chunk_aggregation=max_prob needs class probabilities; a regression model "
+                        "averages its windows: use data.chunk_aggregation=mean_logits")
+
+
 def aggregate(problem_type: str, how: str, logits_RxC: np.ndarray, doc_R: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Windows' outputs -> one per text: (text ids in ascending order, their outputs, each text's first window).
@@ -120,6 +127,7 @@ def aggregate(problem_type: str, how: str, logits_RxC: np.ndarray, doc_R: np.nda
     (softmax or sigmoid) and returns its log (single-label) or logit (multi-label), so argmax, thresholds and
     the probabilities predict prints follow it.
     """
+    check_aggregation(problem_type, how)
     docs, first, inverse = np.unique(doc_R, return_index=True, return_inverse=True)
     z = np.asarray(logits_RxC, np.float64)
     if how == "mean_logits":
@@ -127,9 +135,6 @@ def aggregate(problem_type: str, how: str, logits_RxC: np.ndarray, doc_R: np.nda
         np.add.at(out, inverse, z)
         out /= np.bincount(inverse, minlength=len(docs))[:, None]
     elif how == "max_prob":
-        if problem_type == REGRESSION:
-            raise DataError("data.chunk_aggregation=max_prob needs class probabilities; a regression model "
-                            "averages its windows: use data.chunk_aggregation=mean_logits")
         if problem_type == SINGLE:
             p = np.exp(z - z.max(-1, keepdims=True))
             p /= p.sum(-1, keepdims=True)
