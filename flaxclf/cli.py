@@ -57,11 +57,12 @@ def _write_json(obj: dict, dest: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from flaxclf import timing
     from flaxclf.config import load_config
     from flaxclf.train import run
 
     cfg = load_config(args.config, args.overrides)
-    run(cfg, show_progress=not args.no_progress)
+    run(cfg, show_progress=not args.no_progress, clock=timing.Clock(since_process_start=True))
     return 0
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 from jax.experimental import multihost_utils
 
-from flaxclf import assets, data, distributed, losses, metrics, sharding, stopping, weights
+from flaxclf import assets, data, distributed, losses, metrics, sharding, stopping, timing, weights
 from flaxclf.checkpoint import (
     CHECKPOINTS,
     UNREADABLE_SUFFIX,
@@ -131,14 +131,23 @@ def _meta(job: Job) -> dict:
             "classifier": {**classifier, "label_names": list(classifier["label_names"])}}
 
 
-def setup(cfg: RunConfig) -> Job:
+def setup(cfg: RunConfig, clock: timing.Clock | None = None) -> Job:
     """Mesh, data, model and state (restored from the run directory when it has a checkpoint)."""
+    clock = clock or timing.Clock()
     run_dir = Path(cfg.train.output_dir)
     check_output_dir(run_dir)
-    distributed.initialize(cfg.distributed)
-    mesh = sharding.make_mesh(cfg.mesh)
-    model_dir = assets.resolve_model(cfg.model.name)
-    task, splits = data.load_task(cfg.data, model_dir, train_batch_size=cfg.train.global_batch_size)
+    with clock.phase("startup"):
+        distributed.initialize(cfg.distributed)
+        mesh = sharding.make_mesh(cfg.mesh)
+    with clock.phase("data"):
+        model_dir = assets.resolve_model(cfg.model.name)
+        task, splits = data.load_task(cfg.data, model_dir, train_batch_size=cfg.train.global_batch_size)
+    with clock.phase("model"):
+        return _setup_model(cfg, clock, run_dir, mesh, model_dir, task, splits)
+
+
+def _setup_model(cfg: RunConfig, clock: timing.Clock, run_dir: Path, mesh, model_dir: Path, task: data.Task,
+                 splits: dict) -> Job:
     if "train" not in splits:
         raise data.DataError("there is no training split; set data.train_file or a packaged data.task")
     model = _classifier(cfg, model_dir, task)
@@ -282,29 +291,32 @@ def _eval_due(job: Job, step: int) -> bool:
     return step % every == 0 or step == job.total_steps
 
 
-def train_loop(job: Job, log: RunLog, signals: _Signals) -> None:
-    """Steps until total_steps: dispatch step n+1 before pulling step n's metrics to the host."""
+def train_loop(job: Job, log: RunLog, signals: _Signals, clock: timing.Clock) -> None:
+    """Steps until total_steps: dispatch step n+1 before pulling step n's metrics to the host. The train phase
+    ends when the step's metrics are on the host, so its time is not counted as evaluation or saving."""
     cfg, step = job.cfg, int(jax.device_get(job.state.step))
     window, pending = _Window(), None
     while step < job.total_steps and not job.early["stopped"]:
-        batch = next(job.batches)
-        job.state, m = job.train_step(job.state, batch)
-        step += 1
-        if pending is not None:
-            window.add(*pending)
-        pending = (step, m)
-        eval_now, save_now = _eval_due(job, step), job.ckpt.due(step)
-        stop = _any_process(signals.received is not None, step, cfg.train.log_every)
-        if step % cfg.train.log_every == 0 or eval_now or save_now or stop or step == job.total_steps:
-            window.add(*pending)
-            pending = None
-            record = window.record(step, float(job.schedule(step - 1)), step / job.batches.steps_per_epoch)
-            log.write(record)
-            log.progress(step, loss=record["loss"], ex_per_s=record["examples_per_s"])
-            window = _Window()
+        with clock.phase("train"):
+            batch = next(job.batches)
+            job.state, m = job.train_step(job.state, batch)
+            step += 1
+            if pending is not None:
+                window.add(*pending)
+            pending = (step, m)
+            eval_now, save_now = _eval_due(job, step), job.ckpt.due(step)
+            stop = _any_process(signals.received is not None, step, cfg.train.log_every)
+            if step % cfg.train.log_every == 0 or eval_now or save_now or stop or step == job.total_steps:
+                window.add(*pending)
+                pending = None
+                record = window.record(step, float(job.schedule(step - 1)), step / job.batches.steps_per_epoch)
+                log.write(record)
+                log.progress(step, loss=record["loss"], ex_per_s=record["examples_per_s"])
+                window = _Window()
         step_metrics = None
         if eval_now and "validation" in job.splits:
-            result = evaluate(job, job.state.params, "validation")
+            with clock.phase("evaluate"):
+                result = evaluate(job, job.state.params, "validation")
             log.write({"step": step, "split": "validation", **result})
             shown = {k: round(v, 4) for k, v in metrics.scalars(result).items() if k != "count"}
             log.say(f"step {step} validation: {shown}")
@@ -315,7 +327,8 @@ def train_loop(job: Job, log: RunLog, signals: _Signals) -> None:
                     f"than {cfg.train.early_stopping_min_delta} for {job.early['bad_evals']} evaluations (best "
                     f"{job.best['value']:.4f} at step {job.best['step']})")
         if step_metrics is not None or save_now or step == job.total_steps or job.early["stopped"]:
-            job.ckpt.save(step, job.state, _meta(job), step_metrics)
+            with clock.phase("checkpoint"):
+                job.ckpt.save(step, job.state, _meta(job), step_metrics)
         if stop:
             job.ckpt.save(step, job.state, _meta(job), step_metrics)
             job.ckpt.wait()
@@ -325,7 +338,8 @@ def train_loop(job: Job, log: RunLog, signals: _Signals) -> None:
             log.close()
             raise Preempted(PREEMPTED_EXIT_CODE[sig])
     if pending is not None:
-        window.add(*pending)
+        with clock.phase("train"):
+            window.add(*pending)
 
 
 def _any_process(local: bool, step: int, every: int) -> bool:
@@ -355,38 +369,43 @@ def _track_best(job: Job, step: int, result: dict) -> dict | None:
     return {f"validation/{name}": value}
 
 
-def finish(job: Job, log: RunLog) -> dict:
+def finish(job: Job, log: RunLog, clock: timing.Clock | None = None) -> dict:
     """Waits for checkpoints, exports the best (or final) model in the HF format, evaluates it on test."""
-    job.ckpt.wait()
-    params, which = job.state.params, "final"
-    best_step = job.ckpt.best_step()
-    if job.cfg.train.export == "best" and best_step is not None and best_step != int(job.state.step):
-        params = job.ckpt.restore_params(best_step, job.abstract.params, job.shardings.params)
-        which = f"best (step {best_step})"
+    clock = clock or timing.Clock()
+    with clock.phase("checkpoint"):
+        job.ckpt.wait()
+        params, which = job.state.params, "final"
+        best_step = job.ckpt.best_step()
+        if job.cfg.train.export == "best" and best_step is not None and best_step != int(job.state.step):
+            params = job.ckpt.restore_params(best_step, job.abstract.params, job.shardings.params)
+            which = f"best (step {best_step})"
     summary = {"run_dir": str(job.run_dir), "exported": which, "best": job.best, "steps": int(job.state.step),
                "early_stopped": job.early["stopped"], "loss": dataclasses.asdict(job.loss), "warnings": []}
     for split in ("validation", "test"):
         if split in job.splits:
-            result = evaluate(job, params, split)
+            with clock.phase("evaluate"):
+                result = evaluate(job, params, split)
             summary[split] = metrics.scalars(result)
             if warning := metrics.learns_nothing(result, job.task.label_names):
                 summary["warnings"].append(f"{split}: {warning}")
             log.write({"step": int(job.state.step), "split": f"{split}_{which.split()[0]}", **result})
-    host = jax.tree.map(sharding.to_host, params)
-    if jax.process_index() == 0:
-        if job.model.config.pooling == HF_POOLING:
-            summary["export_dir"] = str(weights.export_hf(job.run_dir / "export", job.model.config, host,
-                                                         job.model_dir))
-        else:
-            log.say(f"no HF export: pooling={job.model.config.pooling!r} has no PyTorch equivalent")
-        (job.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with clock.phase("export"):
+        host = jax.tree.map(sharding.to_host, params)
+        if jax.process_index() == 0:
+            if job.model.config.pooling == HF_POOLING:
+                summary["export_dir"] = str(weights.export_hf(job.run_dir / "export", job.model.config, host,
+                                                             job.model_dir))
+            else:
+                log.say(f"no HF export: pooling={job.model.config.pooling!r} has no PyTorch equivalent")
+            (job.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def run(cfg: RunConfig, show_progress: bool = True) -> dict:
-    """The whole job; returns the summary (also written to <output_dir>/summary.json)."""
-    t0 = time.perf_counter()
-    job = setup(cfg)
+def run(cfg: RunConfig, show_progress: bool = True, clock: timing.Clock | None = None) -> dict:
+    """The whole job; returns the summary (also written to <output_dir>/summary.json) with its time breakdown
+    (flaxclf.timing) measured from the Clock given, or from this call."""
+    clock = clock or timing.Clock()
+    job = setup(cfg, clock)
     _write_run_files(job)
     start = int(jax.device_get(job.state.step))
     log = RunLog(job.run_dir, job.total_steps, start, show_progress)
@@ -401,8 +420,8 @@ def run(cfg: RunConfig, show_progress: bool = True) -> dict:
         log.say(note)
     try:
         with _Signals() as signals:
-            train_loop(job, log, signals)
-        summary = finish(job, log)
+            train_loop(job, log, signals, clock)
+        summary = finish(job, log, clock)
     except BaseException:
         # tensorboardX's writer thread, left open, fails (and prints) at interpreter exit on Python 3.12.
         log.close()
@@ -410,9 +429,11 @@ def run(cfg: RunConfig, show_progress: bool = True) -> dict:
     finally:
         job.batches.close()
         job.ckpt.close()
-    summary["wall_s"] = time.perf_counter() - t0
     if jax.process_index() == 0:
-        summary["plots"] = _draw_plots(job.run_dir, log)
+        with clock.phase("plots"):
+            summary["plots"] = _draw_plots(job.run_dir, log)
+    summary["time"] = clock.breakdown()
+    summary["wall_s"] = summary["time"]["wall_s"]
     log.say(_summary_text(summary, cfg.train.best_metric))
     log.close()
     if jax.process_index() == 0:
@@ -440,6 +461,8 @@ def _summary_text(s: dict, best_metric: str) -> str:
     best = s.get("best") or {}
     early = " (stopped early: train.early_stopping_patience)" if s.get("early_stopped") else ""
     lines = [f"done: {s['steps']} steps in {s['wall_s']:.0f} s{early}"]
+    if "time" in s:
+        lines.append(f"  {timing.describe(s['time'])}")
     if best.get("value") is not None:
         lines.append(f"  best validation {best_metric}: {best['value']:.4f} at step {best['step']}")
     for split in ("validation", "test"):
