@@ -4,24 +4,39 @@ PyTorch reference: transformers' BertForSequenceClassification, torch eager, the
 same split, the same tokens (flaxclf's tokenized splits), the same hyperparameters (AdamW lr 5e-5, weight decay
 0.01 without biases/LayerNorm, eps 1e-8, linear warmup 6% then linear decay, global-norm clipping 1.0,
 batch 32, 3 epochs, eval each epoch, the best epoch by validation accuracy scored on test) and HF's dynamic
-padding (each batch padded to its own longest row), as Trainer + DataCollatorWithPadding do.
+padding (each batch padded to its own longest row), as Trainer + DataCollatorWithPadding do. Three references:
+  torch               random batches (Trainer's default sampler), fp32
+  torch_grouped       Trainer's group_by_length=True: megabatches of 50 batches sorted by length
+                      (transformers' get_length_grouped_indices, for training and evaluation), fp32
+  torch_grouped_bf16  the same under torch.autocast("cpu", torch.bfloat16), as Trainer's bf16=True runs it
+and three flaxclf runs of the real `flaxclf train` command, each into a fresh run directory:
+  flaxclf             configs/default.yaml (fp32), with an empty compilation cache
+  flaxclf_second      the same command again: its executables come from the cache the first run filled
+  flaxclf_bf16        configs/cpu-bf16.yaml (its own shapes and dtypes: compiled afresh)
 
-    .venv/bin/python bench/finetune_vs_torch.py            # both, then the ratio of wall times
-    .venv/bin/python bench/finetune_vs_torch.py --only torch
-Both use the machine's cores as they come (torch: torch.get_num_threads()), and both processes run with
-flaxclf.hostmem.keep_freed_memory(), as the `flaxclf` command does. Prints one JSON line per system.
+    .venv/bin/python bench/finetune_vs_torch.py                  # every system, then the ratios
+    .venv/bin/python bench/finetune_vs_torch.py --systems flaxclf,torch_grouped
+Every system runs as a whole process, one after the other, timed from its start to its exit (imports
+included), with its peak RSS (getrusage of the finished child). Both use the machine's cores as they come
+(torch: torch.get_num_threads()); the torch processes call flaxclf.hostmem.keep_freed_memory() as the flaxclf
+command does. Prints one JSON line per system, then one with the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SYSTEMS = ("flaxclf", "flaxclf_second", "flaxclf_bf16", "torch_grouped", "torch_grouped_bf16", "torch")
+FLAXCLF_CONFIG = {"flaxclf": "configs/default.yaml", "flaxclf_second": "configs/default.yaml",
+                  "flaxclf_bf16": "configs/cpu-bf16.yaml"}
 
 
 def _splits(cfg):
@@ -38,17 +53,17 @@ def _rows(split):
             for i in range(len(split))]
 
 
-def torch_reference(config: str, overrides: list[str]) -> dict:
+def torch_reference(config: str, overrides: list[str], grouped: bool, bf16: bool) -> dict:
     """PyTorch's fine-tune with transformers' BertForSequenceClassification."""
     import numpy as np
     import torch
     import transformers
+    from transformers.trainer_pt_utils import get_length_grouped_indices
 
     from flaxclf import metrics
     from flaxclf.config import load_config
 
     cfg = load_config(config, overrides)
-    t0 = time.perf_counter()
     model_dir, task, splits = _splits(cfg)
     torch.manual_seed(cfg.train.seed)
     model = transformers.BertForSequenceClassification.from_pretrained(model_dir, num_labels=task.num_labels)
@@ -59,12 +74,21 @@ def torch_reference(config: str, overrides: list[str]) -> dict:
                              {"params": no_decay, "weight_decay": 0.0}], lr=o.learning_rate, betas=(o.b1, o.b2),
                             eps=o.eps)
     rows = {s: _rows(sp) for s, sp in splits.items()}
+    lengths = {s: [len(ids) for ids, _ in r] for s, r in rows.items()}
     labels = {s: torch.tensor(sp.labels, dtype=torch.long) for s, sp in splits.items()}
-    bs = cfg.train.global_batch_size
+    bs, ebs = cfg.train.global_batch_size, cfg.train.eval_batch_size
     steps_per_epoch = -(-len(rows["train"]) // bs)  # DataLoader(drop_last=False)
     total = steps_per_epoch * cfg.train.epochs
     warmup = int(np.ceil(o.warmup_ratio * total))
     sched = transformers.get_linear_schedule_with_warmup(opt, warmup, total)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+
+    def order(split: str, batch: int) -> list[int]:
+        if grouped:  # Trainer's LengthGroupedSampler, for training and (group_by_length) evaluation alike
+            return get_length_grouped_indices(lengths[split], batch, generator=gen)
+        if split == "train":
+            return torch.randperm(len(rows[split]), generator=gen).tolist()
+        return list(range(len(rows[split])))
 
     def collate(idx, split):
         batch = [rows[split][i] for i in idx]
@@ -76,25 +100,33 @@ def torch_reference(config: str, overrides: list[str]) -> dict:
             ids[r, :len(a)], tt[r, :len(a)], mask[r, :len(a)] = torch.tensor(a), torch.tensor(t), 1
         return {"input_ids": ids, "token_type_ids": tt, "attention_mask": mask}
 
+    def autocast():
+        return torch.autocast("cpu", torch.bfloat16, enabled=bf16)
+
     def evaluate(split):
         model.eval()
-        logits = []
-        with torch.no_grad():
-            for s in range(0, len(rows[split]), cfg.train.eval_batch_size):
-                idx = list(range(s, min(s + cfg.train.eval_batch_size, len(rows[split]))))
-                logits.append(model(**collate(idx, split)).logits.numpy())
+        idx_all = order(split, ebs)
+        logits = np.zeros((len(idx_all), task.num_labels), np.float32)
+        with torch.no_grad(), autocast():
+            for s in range(0, len(idx_all), ebs):
+                idx = idx_all[s:s + ebs]
+                logits[idx] = model(**collate(idx, split)).logits.float().numpy()
         model.train()
-        return metrics.scalars(metrics.compute_metrics(task.problem_type, np.concatenate(logits),
-                                                       labels[split].numpy(), None, task.label_names))
+        return metrics.scalars(metrics.compute_metrics(task.problem_type, logits, labels[split].numpy(), None,
+                                                       task.label_names))
 
-    best, best_state, gen = None, None, torch.Generator().manual_seed(cfg.train.seed)
+    best, best_state = None, None
     model.train()
     t_train = time.perf_counter()
+    tokens = 0
     for _ in range(cfg.train.epochs):
-        order = torch.randperm(len(rows["train"]), generator=gen).tolist()
-        for s in range(0, len(order), bs):
-            idx = order[s:s + bs]
-            out = model(**collate(idx, "train"), labels=labels["train"][idx])
+        epoch_order = order("train", bs)
+        for s in range(0, len(epoch_order), bs):
+            idx = epoch_order[s:s + bs]
+            batch = collate(idx, "train")
+            tokens += batch["input_ids"].numel()
+            with autocast():
+                out = model(**batch, labels=labels["train"][idx])
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
             opt.step()
@@ -106,51 +138,84 @@ def torch_reference(config: str, overrides: list[str]) -> dict:
     train_s = time.perf_counter() - t_train
     model.load_state_dict(best_state)
     test = evaluate("test")
-    return {"system": "pytorch", "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "validation": best, "test": test, "steps": total, "train_s": train_s,
-            "wall_s": time.perf_counter() - t0}
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "validation": best, "test": test,
+            "steps": total, "train_s": train_s, "padded_tokens_per_row": tokens / (total * bs)}
 
 
-def flaxclf_run(config: str, overrides: list[str]) -> dict:
-    from flaxclf.config import load_config
-    from flaxclf.train import run
+def run_system(name: str, a: argparse.Namespace, work: Path) -> dict:
+    """One system as a whole process: its wall time from start to exit, its peak RSS, and its results."""
+    if name.startswith("flaxclf"):
+        run_dir = work / name
+        cmd = [sys.executable, "-m", "flaxclf.cli", "train", "--config", str(ROOT / FLAXCLF_CONFIG[name]),
+               f"train.output_dir={run_dir}", f"train.compilation_cache_dir={work / 'xla'}", "--no-progress",
+               *a.overrides]
+    else:
+        cmd = [sys.executable, __file__, "--only", name, "--config", str(ROOT / "configs/default.yaml"),
+               *a.overrides]
+    start = time.perf_counter()
+    # stderr passes through, so that a failing system shows why
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    stdout = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{name} failed:\n{stdout[-3000:]}")
+    out = {"system": name, "wall_s": round(wall, 1), "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 3)}
+    if name.startswith("flaxclf"):
+        summary = json.loads((run_dir / "summary.json").read_text())
+        out.update({"validation": summary["validation"], "test": summary["test"], "steps": summary["steps"],
+                    "time": summary["time"]})
+    else:
+        out.update(json.loads(stdout.strip().splitlines()[-1]))
+    return out
 
-    cfg = load_config(config, overrides + ["checkpoint.fresh=true"])
-    s = run(cfg, show_progress=False)
-    return {"system": "flaxclf", "validation": s["validation"], "test": s["test"], "steps": s["steps"],
-            "wall_s": s["wall_s"], "exported": s["exported"]}
+
+def ratios(r: dict) -> dict:
+    """Wall-time, accuracy and memory ratios of each flaxclf run against its reference."""
+    out = {}
+    pairs = [("flaxclf", "torch_grouped"), ("flaxclf_bf16", "torch_grouped_bf16"), ("flaxclf", "torch"),
+             ("flaxclf_second", "torch_grouped")]
+    for f, t in pairs:
+        if f in r and t in r:
+            out[f"{f}/{t}"] = {"wall": round(r[f]["wall_s"] / r[t]["wall_s"], 3),
+                               "test_accuracy_delta": round(r[f]["test"]["accuracy"] - r[t]["test"]["accuracy"], 4),
+                               "peak_rss": round(r[f]["peak_rss_gb"] / r[t]["peak_rss_gb"], 3)}
+    if "flaxclf" in r and "flaxclf_second" in r:
+        first, second = (r[k]["time"]["compilation"]["seconds"] for k in ("flaxclf", "flaxclf_second"))
+        out["compilation_second_over_first"] = round(second / first, 3) if first else None
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["torch", "flaxclf"], default=None)
-    p.add_argument("--config", default=str(ROOT / "configs/default.yaml"))
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
+    p.add_argument("--only", choices=["torch", "torch_grouped", "torch_grouped_bf16"], default=None,
+                   help=argparse.SUPPRESS)  # one torch system, in this process (what --systems runs)
+    p.add_argument("--config", default=str(ROOT / "configs/default.yaml"), help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("overrides", nargs="*", help="config overrides for every system (key=value)")
     a = p.parse_args()
-    if a.only is None:  # each system in its own process, one after the other, so neither warms the other
-        results = []
-        for which in ("flaxclf", "torch"):
-            cmd = [sys.executable, __file__, "--only", which, "--config", a.config, *a.overrides]
-            # stderr passes through, so that a failing system shows why
-            line = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
-            print(line, flush=True)
-            results.append(json.loads(line))
-        f, t = results
-        ratio = {"wall_time_ratio_flaxclf_over_torch": f["wall_s"] / t["wall_s"],
-                 "test_accuracy_delta": f["test"]["accuracy"] - t["test"]["accuracy"]}
-        print(json.dumps(ratio))
-        results.append(ratio)
-    else:
+    if a.only:
         from flaxclf.hostmem import keep_freed_memory
 
         keep_freed_memory()
-        fn = torch_reference if a.only == "torch" else flaxclf_run
-        results = [{**fn(a.config, a.overrides), "overrides": a.overrides}]
-        print(json.dumps(results[0]), flush=True)
+        print(json.dumps(torch_reference(a.config, a.overrides, grouped=a.only != "torch",
+                                         bf16=a.only.endswith("bf16"))), flush=True)
+        return
+    systems = a.systems.split(",")
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown or ("flaxclf_second" in systems and "flaxclf" not in systems):
+        p.error(f"unknown systems {sorted(unknown)}" if unknown else "flaxclf_second needs flaxclf before it")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="finetune_vs_torch-") as work:
+        for name in [s for s in SYSTEMS if s in systems]:  # flaxclf fills the cache before flaxclf_second
+            results[name] = run_system(name, a, Path(work))
+            print(json.dumps(results[name]), flush=True)
+    summary = {"ratios": ratios(results)}
+    print(json.dumps(summary), flush=True)
     if a.out:
         with open(a.out, "a") as fh:
-            for r in results:
+            for r in [*results.values(), summary]:
                 fh.write(json.dumps(r) + "\n")
 
 

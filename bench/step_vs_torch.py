@@ -20,7 +20,8 @@ and so do torch's calls in it: without it each flaxclf step page-faulted its 1.5
 Systems: fast = flaxclf's default backbone (model.impl=fast, flaxclf.fast_bert: FlaxBertModule's params and
 math in another layout, [CLS]-only last layer, fp32); hf = model.impl=hf (transformers' FlaxBertModule, fp32);
 bf16 = fast with model.dtype=bfloat16 (opt-in mixed precision: bf16 matmul inputs, fp32 accumulation and
-everything else fp32, fp32 params); torch = the reference (fp32).
+everything else fp32, fp32 params); torch = the reference (fp32); torch_bf16 = the reference under
+torch.autocast("cpu", torch.bfloat16), as HF Trainer's bf16=True runs it.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def torch_model(params: dict, hf_config: transformers.BertConfig, train: bool) -
     return model.train(train)
 
 
-def torch_train_fn(model: torch.nn.Module, b: dict) -> Callable[[], None]:
+def torch_train_fn(model: torch.nn.Module, b: dict, autocast: bool = False) -> Callable[[], None]:
     decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
     rest = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
@@ -88,18 +89,20 @@ def torch_train_fn(model: torch.nn.Module, b: dict) -> Callable[[], None]:
 
     def step():
         opt.zero_grad(set_to_none=True)
-        model(**t).loss.backward()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):  # as HF Trainer's bf16=True on CPU
+            loss = model(**t).loss
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
     return step
 
 
-def torch_infer_fn(model: torch.nn.Module, b: dict) -> Callable[[], None]:
+def torch_infer_fn(model: torch.nn.Module, b: dict, autocast: bool = False) -> Callable[[], None]:
     t = {k: torch.tensor(b[k]).long() for k in ("input_ids", "attention_mask", "token_type_ids")}
 
     def infer():
-        with torch.inference_mode():
-            model(**t).logits.numpy()
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            model(**t).logits.float().numpy()
     return infer
 
 
@@ -138,12 +141,12 @@ def build(systems: list[str], what: list[str], batch: int, length: int, infer_ba
     fns: dict[str, dict[str, Callable[[], None]]] = {w: {} for w in what}
     hlos: dict[str, dict] = {}
     for system in systems:
-        if system == "torch":
-            hf = model.config.to_hf_config()
+        if system in ("torch", "torch_bf16"):
+            hf, autocast = model.config.to_hf_config(), system == "torch_bf16"
             if "train" in what:
-                fns["train"]["torch"] = torch_train_fn(torch_model(params, hf, train=True), train_b)
+                fns["train"][system] = torch_train_fn(torch_model(params, hf, train=True), train_b, autocast)
             if "infer" in what:
-                fns["infer"]["torch"] = torch_infer_fn(torch_model(params, hf, train=False), infer_b)
+                fns["infer"][system] = torch_infer_fn(torch_model(params, hf, train=False), infer_b, autocast)
             continue
         impl, dtype = {"fast": ("fast", jnp.float32), "hf": ("hf", jnp.float32),
                        "bf16": ("fast", jnp.bfloat16)}[system]
@@ -244,7 +247,7 @@ def torch_op_table(fn: Callable[[], None], calls: int = 3, top: int = 20) -> str
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--what", default="train,infer", help="comma list of train, infer")
-    p.add_argument("--systems", default="fast,hf,torch", help="comma list of fast, hf, bf16, torch")
+    p.add_argument("--systems", default="fast,hf,torch", help="comma list of fast, hf, bf16, torch, torch_bf16")
     p.add_argument("--model", default="minilm-l6")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--infer-batch", type=int, default=64)
@@ -265,7 +268,7 @@ def main() -> None:
             for name, f in fns[w].items():
                 f()
                 print(f"\n== {w} {name}: top ops per call ==")
-                if name == "torch":
+                if name.startswith("torch"):
                     print(torch_op_table(f))
                 else:
                     rows, kinds = jax_op_table(f, hlos[name][w]())

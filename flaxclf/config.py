@@ -120,6 +120,10 @@ class TrainConfig:
     early_stopping_min_delta: float = 0.0
     export: Literal["best", "final"] = "best"
     output_dir: str = "runs/default"
+    # Keep the compiled steps (JAX's persistent compilation cache), so that a later run with the same shapes
+    # reads them instead of compiling; results are the same either way. Dir None: <flaxclf cache>/xla.
+    compilation_cache: bool = True
+    compilation_cache_dir: str | None = None
 
 
 @dataclass

@@ -17,13 +17,19 @@ from contextlib import contextmanager
 # In the order a run meets them; summary.json["time"] lists them so.
 PHASES = ("startup", "data", "model", "compile", "train", "evaluate", "checkpoint", "export", "plots", "other")
 
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
-_BACKEND_EVENT = _COMPILE_EVENTS[-1]
+# JAX's events for the three stages of a compile: tracing to a jaxpr, lowering to MLIR, and XLA's compile (or
+# the persistent cache's read, which replaces it).
+_COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+                   "/jax/core/compile/backend_compile_duration": "backend_s"}
+_BACKEND_EVENT = "/jax/core/compile/backend_compile_duration"
 _CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+# flaxclf.compilation.StepCache's load of a whole step executable (no tracing, lowering or compiling).
+STEP_LOAD_EVENT = "/flaxclf/step_cache/load_duration"
 
 _lock = threading.Lock()
-_compile = {"seconds": 0.0, "compiles": 0, "cache_hits": 0}
+_compile = {"seconds": 0.0, "compiles": 0, "cache_hits": 0, "trace_s": 0.0, "lower_s": 0.0, "backend_s": 0.0,
+            "load_s": 0.0}
 _listening = False
 
 
@@ -31,7 +37,14 @@ def _on_duration(event: str, seconds: float, **_) -> None:
     if event in _COMPILE_EVENTS:
         with _lock:
             _compile["seconds"] += seconds
+            _compile[_COMPILE_EVENTS[event]] += seconds
             _compile["compiles"] += event == _BACKEND_EVENT
+    elif event == STEP_LOAD_EVENT:
+        with _lock:
+            _compile["seconds"] += seconds
+            _compile["load_s"] += seconds
+            _compile["compiles"] += 1
+            _compile["cache_hits"] += 1
 
 
 def _on_event(event: str, **_) -> None:
@@ -77,7 +90,8 @@ class Clock:
         listen()
         self.t0 = time.perf_counter()
         self.seconds = dict.fromkeys(PHASES, 0.0)
-        self.seconds["startup"] = process_age() if since_process_start else 0.0
+        self.before = process_age() if since_process_start else 0.0  # the process's life before this Clock
+        self.seconds["startup"] = self.before
         self._stack: list[tuple[str, float]] = []
         self._compile0 = compile_totals()
 
@@ -98,7 +112,7 @@ class Clock:
                 self._stack[-1] = (self._stack[-1][0], end)
 
     def wall(self) -> float:
-        return self.seconds["startup"] + time.perf_counter() - self.t0
+        return self.before + time.perf_counter() - self.t0
 
     def breakdown(self) -> dict:
         """{"wall_s", "phases_s": {phase: seconds}, "compilation": {...}} with "other" the unassigned rest."""
@@ -106,11 +120,8 @@ class Clock:
         phases = {k: v for k, v in self.seconds.items() if k != "other"}
         phases["other"] = max(wall - sum(phases.values()), 0.0)
         now = compile_totals()
-        compiled = {"seconds": now["seconds"] - self._compile0["seconds"],
-                    "compiles": now["compiles"] - self._compile0["compiles"],
-                    "cache_hits": now["cache_hits"] - self._compile0["cache_hits"]}
-        return {"wall_s": wall, "phases_s": {k: round(v, 3) for k, v in phases.items()},
-                "compilation": {**compiled, "seconds": round(compiled["seconds"], 3)},
+        compiled = {k: round(now[k] - self._compile0[k], 3) for k in now}
+        return {"wall_s": wall, "phases_s": {k: round(v, 3) for k, v in phases.items()}, "compilation": compiled,
                 "peak_rss_gb": round(peak_rss_bytes() / 1e9, 3)}
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 from jax.experimental import multihost_utils
 
-from flaxclf import assets, data, distributed, losses, metrics, sharding, stopping, timing, weights
+from flaxclf import assets, compilation, data, distributed, losses, metrics, sharding, stopping, timing, weights
 from flaxclf.checkpoint import (
     CHECKPOINTS,
     UNREADABLE_SUFFIX,
@@ -139,15 +139,19 @@ def setup(cfg: RunConfig, clock: timing.Clock | None = None) -> Job:
     with clock.phase("startup"):
         distributed.initialize(cfg.distributed)
         mesh = sharding.make_mesh(cfg.mesh)
+        cache_dir = None
+        if cfg.train.compilation_cache:
+            cache_dir = compilation.enable_cache(Path(cfg.train.compilation_cache_dir or assets.cache_root() / "xla"))
     with clock.phase("data"):
         model_dir = assets.resolve_model(cfg.model.name)
         task, splits = data.load_task(cfg.data, model_dir, train_batch_size=cfg.train.global_batch_size)
     with clock.phase("model"):
-        return _setup_model(cfg, clock, run_dir, mesh, model_dir, task, splits)
+        step_cache = None if cache_dir is None else compilation.StepCache(cache_dir / "steps", list(mesh.devices.flat))
+        return _setup_model(cfg, clock, run_dir, mesh, model_dir, task, splits, step_cache)
 
 
 def _setup_model(cfg: RunConfig, clock: timing.Clock, run_dir: Path, mesh, model_dir: Path, task: data.Task,
-                 splits: dict) -> Job:
+                 splits: dict, step_cache: compilation.StepCache | None) -> Job:
     if "train" not in splits:
         raise data.DataError("there is no training split; set data.train_file or a packaged data.task")
     model = _classifier(cfg, model_dir, task)
@@ -166,22 +170,42 @@ def _setup_model(cfg: RunConfig, clock: timing.Clock, run_dir: Path, mesh, model
         discard(run_dir)
     multihost_utils.sync_global_devices("flaxclf:fresh")
     ckpt = Checkpointer(run_dir / CHECKPOINTS, cfg.checkpoint, f"validation/{cfg.train.best_metric}")
+    jitted_train, jitted_eval = compile_steps(model, tx, loss, cfg.optim.grad_accum_steps, mesh, shardings)
+    evals = {split: data.eval_lengths(splits[split], cfg.train.eval_batch_size, cfg.data.buckets, batch_s)
+             for split in ("validation", "test") if split in splits}
+    pool = compilation.pool(len(batches.bucket_lengths) + len({n for ns in evals.values() for n in ns}))
     try:
+        # The evaluation shapes compile while the checkpoint is read and the weights load.
+        params_s = compilation.structs(abstract.params, shardings.params)
+        eval_step = compilation.Precompiled(jitted_eval, pool, step_cache, repr(("eval", model, mesh))).start(
+            (params_s, data.batch_structs(splits[split], cfg.train.eval_batch_size, n, batch_s, evaluation=True))
+            for split, lengths in evals.items() for n in lengths)
         restored = _restore(ckpt, abstract, shardings, cfg, task, run_dir)
+        best, early = {"value": None, "step": None}, stopping.initial()
+        if restored is not None:
+            state, meta = restored
+            batches.restore(meta["data"])
+            best = meta.get("best", best)
+            early = meta.get("early_stopping", early)
+        settings = ("train", model, cfg.optim, total, loss, mesh)  # all that train_step closes over
+        train_step = compilation.Precompiled(jitted_train, pool, step_cache, repr(settings))
+        start = 0 if restored is None else int(jax.device_get(state.step))
+        if not early["stopped"]:
+            state_s = compilation.structs(abstract, shardings)
+            train_step.start((state_s, data.batch_structs(splits["train"], cfg.train.global_batch_size, n, batch_s))
+                             for n in batches.lengths(total - start))
+        if restored is None:
+            host = weights.load_params(model, model_dir, jax.random.PRNGKey(cfg.train.seed))
+            host = cast_floats(host, jnp.dtype(cfg.model.param_dtype))
+            state = create_state(host, tx, shardings, cfg.train.seed)
+        with clock.phase("compile"):
+            eval_step.wait()
+            train_step.wait()
     except BaseException:
         ckpt.close()  # a refused run must not leave orbax's threads to fail (and print) at interpreter exit
         raise
-    best, early = {"value": None, "step": None}, stopping.initial()
-    if restored is None:
-        host = weights.load_params(model, model_dir, jax.random.PRNGKey(cfg.train.seed))
-        host = cast_floats(host, jnp.dtype(cfg.model.param_dtype))
-        state = create_state(host, tx, shardings, cfg.train.seed)
-    else:
-        state, meta = restored
-        batches.restore(meta["data"])
-        best = meta.get("best", best)
-        early = meta.get("early_stopping", early)
-    train_step, eval_step = compile_steps(model, tx, loss, cfg.optim.grad_accum_steps, mesh, shardings)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     return Job(cfg, run_dir, model_dir, mesh, task, splits, model, batches, total, abstract, shardings, state,
                train_step, eval_step, lr_schedule(cfg.optim, total), ckpt, best, loss, early)
 
@@ -406,9 +430,10 @@ def run(cfg: RunConfig, show_progress: bool = True, clock: timing.Clock | None =
     (flaxclf.timing) measured from the Clock given, or from this call."""
     clock = clock or timing.Clock()
     job = setup(cfg, clock)
-    _write_run_files(job)
-    start = int(jax.device_get(job.state.step))
-    log = RunLog(job.run_dir, job.total_steps, start, show_progress)
+    with clock.phase("startup"):  # the run's files and logs (tensorboard's writer) are part of starting
+        _write_run_files(job)
+        start = int(jax.device_get(job.state.step))
+        log = RunLog(job.run_dir, job.total_steps, start, show_progress)
     if job.early["stopped"]:
         log.say(f"the run in {job.run_dir} stopped early at step {start} (train.early_stopping_patience); "
                 "nothing left to train: exporting its best model again")
@@ -427,8 +452,9 @@ def run(cfg: RunConfig, show_progress: bool = True, clock: timing.Clock | None =
         log.close()
         raise
     finally:
-        job.batches.close()
-        job.ckpt.close()
+        with clock.phase("checkpoint"):  # orbax's close waits for its threads
+            job.batches.close()
+            job.ckpt.close()
     if jax.process_index() == 0:
         with clock.phase("plots"):
             summary["plots"] = _draw_plots(job.run_dir, log)

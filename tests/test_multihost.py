@@ -50,8 +50,8 @@ def preempting_save(self, step, *args, **kwargs):
     if step == spec.get("preempt_after"):
         os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would; the loop checkpoints and exits 143
 
-def recording_setup(cfg):
-    job = setup(cfg)
+def recording_setup(cfg, *args):
+    job = setup(cfg, *args)
     out["start_step"] = int(job.state.step)
     return job
 

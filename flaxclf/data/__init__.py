@@ -8,9 +8,11 @@ load (data.* settings -> Task and tokenized splits), types (what they hand each 
 from flaxclf.data.batches import (
     FIELDS,
     TrainBatches,
+    batch_structs,
     bucket_lengths,
     eval_batch_counts,
     eval_batches,
+    eval_lengths,
     eval_plan,
     host_rows,
     local_batch_size,
@@ -24,6 +26,7 @@ from flaxclf.data.types import SPLITS, DataError, Task, TokenizedSplit
 from flaxclf.vocab import MULTI, REGRESSION, SINGLE
 
 __all__ = ["FIELDS", "MULTI", "REGRESSION", "SINGLE", "SPLITS", "DataError", "Task", "TokenizedSplit",
-           "TrainBatches", "bucket_lengths", "eval_batch_counts", "eval_batches", "eval_plan", "host_rows",
+           "TrainBatches", "batch_structs", "bucket_lengths", "eval_batch_counts", "eval_batches", "eval_lengths",
+           "eval_plan", "host_rows",
            "load_task", "load_tokenizer", "local_batch_size", "max_positions", "read_texts", "tokenizer_hash",
            "train_batch_counts", "train_epoch_plan"]

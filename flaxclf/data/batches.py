@@ -98,6 +98,13 @@ def _slot_epoch(members_K: list[np.ndarray], n_K: np.ndarray, rng: np.random.Gen
     return out
 
 
+def _bucket_order(n_K: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """The bucket of each step of an epoch."""
+    order = np.repeat(np.arange(len(n_K)), n_K)
+    _rng(seed, epoch).shuffle(order)
+    return order
+
+
 def train_epoch_plan(slots: list[list[np.ndarray]], first_slot: int, n_K: np.ndarray, seed: int,
                      epoch: int) -> list[tuple[int, np.ndarray]]:
     """(bucket index, local row indices) of each step of an epoch for the slots first_slot, first_slot + 1, ...
@@ -105,8 +112,7 @@ def train_epoch_plan(slots: list[list[np.ndarray]], first_slot: int, n_K: np.nda
     Global batch j of bucket k is row j of every slot's bucket-k rows in slot order, so a process's rows are its
     block of the global batch, and the global batches are the same for any number of processes.
     """
-    order = np.repeat(np.arange(len(n_K)), n_K)
-    _rng(seed, epoch).shuffle(order)
+    order = _bucket_order(n_K, seed, epoch)
     per_slot = [_slot_epoch(members, n_K, _rng(seed, epoch, first_slot + s)) for s, members in enumerate(slots)]
     chunks = [iter(np.stack([rows[k] for rows in per_slot], axis=1)) for k in range(len(n_K))]  # [n_k, slots]
     return [(int(k), next(chunks[k])) for k in order]
@@ -260,6 +266,15 @@ class TrainBatches:
         if start_state is not None:
             self.restore(start_state)
 
+    def lengths(self, steps: int) -> list[int]:
+        """The padded lengths of the next `steps` batches: the shapes a run of that many steps will train on."""
+        used, epoch, step, left = set(), self._epoch, self._step, steps
+        while left > 0 and len(used) < np.count_nonzero(self.batches_per_bucket):
+            order = _bucket_order(self.batches_per_bucket, self.seed, epoch)[step:step + left]
+            used.update(order.tolist())
+            left, epoch, step = left - len(order), epoch + 1, 0
+        return sorted(self.bucket_lengths[k] for k in used)
+
     def epoch_plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
         """(bucket index, local row indices) of each step of an epoch; the bucket order is the same everywhere."""
         return train_epoch_plan(self._slots, self.first_slot, self.batches_per_bucket, self.seed, epoch)
@@ -321,6 +336,22 @@ def eval_plan(split: TokenizedSplit, global_batch_size: int, buckets: Sequence[i
     counts = eval_batch_counts(_allgather_counts(np.array([len(m) for m in members])), local_batch)
     return [(lengths[k], members[k][b * local_batch:(b + 1) * local_batch])
             for k in range(len(lengths)) for b in range(int(counts[k]))]
+
+
+def batch_structs(split: TokenizedSplit, global_batch_size: int, length: int,
+                  sharding: jax.sharding.NamedSharding | None, evaluation: bool = False) -> dict:
+    """The fields of a global batch of `length` tokens as jax.ShapeDtypeStructs (shape, dtype, sharding): what a
+    step is compiled for before any batch exists. Built by the batch code itself, so the two always agree."""
+    local_batch = global_batch_size // split.process_count
+    host = (_eval_batch if evaluation else _host_batch)(split, np.zeros(0, np.int64), length, local_batch)
+    return {k: jax.ShapeDtypeStruct((global_batch_size,) + v.shape[1:], v.dtype, sharding=sharding)
+            for k, v in host.items()}
+
+
+def eval_lengths(split: TokenizedSplit, global_batch_size: int, buckets: Sequence[int],
+                 sharding: jax.sharding.NamedSharding | None) -> list[int]:
+    """The padded lengths of the split's evaluation batches."""
+    return sorted({length for length, _ in eval_plan(split, global_batch_size, buckets, sharding)})
 
 
 def eval_batches(split: TokenizedSplit, global_batch_size: int, buckets: Sequence[int],

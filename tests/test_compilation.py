@@ -1,0 +1,164 @@
+"""Where a run's time goes, and the compilation that used to take much of it: the steps compiled ahead for only
+the shapes the run uses, and JAX's persistent compilation cache, walked through the real `flaxclf train`."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flaxclf import compilation, data, timing, train
+from flaxclf.config import load_config
+from tests.test_journeys import ROOT, _ok, _same_weights, _train_args, flaxclf
+
+pytestmark = pytest.mark.slow
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _cache_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith((".lock", "-atime")))
+
+
+@pytest.fixture(scope="module")
+def cached_runs(tmp_path_factory, tiny_model_dir) -> dict:
+    """The same command four times, each into a fresh run directory, sharing one compilation cache folder:
+    the first fills it, the second reads it, the third after the step executables were deleted (JAX's own
+    entries answer, and nothing is saved from them), the fourth after every entry was cut short."""
+    root = tmp_path_factory.mktemp("compile")
+    cache = root / "xla"
+    args = ("train.max_steps=6", "train.eval_every=3", f"train.compilation_cache_dir={cache}")
+    out = {"cache": cache, "stdout": {}}
+    for name in ("first", "second"):
+        out[name] = root / name
+        out["stdout"][name] = _ok(flaxclf(*_train_args(tiny_model_dir, out[name], *args))).stdout
+    (steps,) = cache.glob("*/steps")
+    shutil.rmtree(steps)
+    out["third"] = root / "third"
+    out["stdout"]["third"] = _ok(flaxclf(*_train_args(tiny_model_dir, out["third"], *args))).stdout
+    out["steps_after_third"] = sorted(steps.iterdir()) if steps.exists() else []
+    out["files"] = _cache_files(cache)
+    for f in out["files"]:  # a disk that filled up mid-write, or a kill: every entry truncated
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    out["fourth"] = root / "fourth"
+    out["stdout"]["fourth"] = _ok(flaxclf(*_train_args(tiny_model_dir, out["fourth"], *args))).stdout
+    out["steps_after_fourth"] = sorted(steps.iterdir())
+    return out
+
+
+def test_the_breakdown_adds_up_to_the_wall_time(cached_runs):
+    t = _summary(cached_runs["first"])["time"]
+    assert list(t["phases_s"]) == list(timing.PHASES)
+    assert sum(t["phases_s"].values()) == pytest.approx(t["wall_s"], abs=0.01)
+    for phase in ("startup", "model", "compile", "train", "evaluate", "checkpoint", "export"):
+        assert t["phases_s"][phase] > 0, phase
+    assert t["phases_s"]["other"] < 0.05 * t["wall_s"]  # the phases cover the run
+    # the steps compiled ahead: training itself compiles next to nothing
+    assert t["phases_s"]["compile"] + t["phases_s"]["model"] > t["phases_s"]["train"] / 10
+    assert t["compilation"]["compiles"] >= 4 and t["compilation"]["seconds"] > 0 and t["peak_rss_gb"] > 0.1
+    assert "  time: " in cached_runs["stdout"]["first"] and "compilation " in cached_runs["stdout"]["first"]
+
+
+def test_a_second_run_reads_every_executable_from_the_cache_and_trains_the_same(cached_runs):
+    first, second = (_summary(cached_runs[k])["time"]["compilation"] for k in ("first", "second"))
+    assert first["cache_hits"] == 0 and first["compiles"] > 0 and first["load_s"] == 0
+    assert second["compiles"] == first["compiles"]
+    assert second["cache_hits"] == second["compiles"]  # nothing compiled afresh
+    assert second["load_s"] > 0 and second["trace_s"] < first["trace_s"] / 3  # the steps were not even traced
+    assert "read from the compilation cache" in cached_runs["stdout"]["second"]
+    _same_weights(cached_runs["first"] / "export", cached_runs["second"] / "export")
+    assert _summary(cached_runs["first"])["test"] == _summary(cached_runs["second"])["test"]
+    # one folder per jax version and machine, holding the executables
+    (machine,) = [p.name for p in cached_runs["cache"].iterdir()]
+    assert machine.startswith("jax") and len(cached_runs["files"]) >= first["compiles"]
+
+
+def test_executables_read_from_jax_cache_are_not_saved_as_steps_and_change_nothing(cached_runs):
+    # XLA:CPU re-serializes an executable it deserialized without some of its functions; a step saved from
+    # one failed when run ("Function ... not found"). So only fresh compiles are saved.
+    third = _summary(cached_runs["third"])["time"]["compilation"]
+    assert third["cache_hits"] == third["compiles"] and third["load_s"] == 0
+    assert cached_runs["steps_after_third"] == []
+    _same_weights(cached_runs["first"] / "export", cached_runs["third"] / "export")
+
+
+def test_truncated_cache_entries_are_compiled_again_and_change_nothing(cached_runs):
+    fourth = _summary(cached_runs["fourth"])["time"]["compilation"]
+    assert fourth["cache_hits"] == 0 and fourth["compiles"] > 0
+    _same_weights(cached_runs["first"] / "export", cached_runs["fourth"] / "export")
+    assert _summary(cached_runs["first"])["test"] == _summary(cached_runs["fourth"])["test"]
+    assert len(cached_runs["steps_after_fourth"]) >= 2  # the fresh compiles were saved again, whole
+
+
+def test_an_unwritable_cache_folder_turns_the_cache_off_and_the_run_goes_on(tmp_path, tiny_model_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    p = _ok(flaxclf(*_train_args(tiny_model_dir, tmp_path / "run", "train.max_steps=2",
+                                 f"train.compilation_cache_dir={blocker / 'xla'}")))
+    assert "compilation cache off: can't create" in p.stderr and "train.compilation_cache_dir" in p.stderr
+    assert _summary(tmp_path / "run")["time"]["compilation"]["cache_hits"] == 0
+
+
+def test_cache_off_writes_no_cache(tmp_path, tiny_model_dir):
+    cache = tmp_path / "xla"
+    _ok(flaxclf(*_train_args(tiny_model_dir, tmp_path / "run", "train.max_steps=2", "train.compilation_cache=false",
+                             f"train.compilation_cache_dir={cache}")))
+    assert not cache.exists()
+
+
+# ---------------------------------------------------------------------------------------------- only what runs
+
+
+@pytest.mark.parametrize("steps", [1, 3, 7, 30])
+@pytest.mark.parametrize("start", [0, 5])
+def test_train_lengths_are_those_of_the_batches_that_run(steps, start):
+    rng = np.random.default_rng(0)
+    lengths = rng.choice([5, 12, 20, 30, 60], size=200, p=[0.5, 0.3, 0.15, 0.04, 0.01])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    split = data.TokenizedSplit(
+        name="train", input_ids=np.ones(offsets[-1], np.int32), token_type_ids=np.zeros(offsets[-1], np.int32),
+        offsets=offsets, labels=np.zeros(len(lengths), np.int32), rows=np.arange(len(lengths)),
+        num_rows_total=len(lengths), max_length=64, process_index=0, process_count=1)
+    batches = data.TrainBatches(split, 16, [8, 16, 32, 48], seed=3, sharding=None, prefetch=0)
+    for _ in range(start):
+        next(batches)
+    planned = batches.lengths(steps)
+    drawn = sorted({next(batches)["input_ids"].shape[1] for _ in range(steps)})
+    assert planned == drawn
+
+
+def test_setup_compiles_the_train_shapes_of_the_steps_left_and_none_for_a_finished_run(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "run"
+    overrides = [str(a) for a in _train_args(tiny_model_dir, run_dir, "train.max_steps=2", "data.buckets=[8,16,32]",
+                                              "train.compilation_cache=false")[3:] if a != "--no-progress"]
+    cfg = load_config(ROOT / "configs/tiny.yaml", overrides)
+    job = train.setup(cfg)
+    try:
+        expected = sorted({(16, n) for n in job.batches.lengths(2)})
+        assert job.train_step.shapes() == expected
+        assert len(expected) < len(job.batches.bucket_lengths)  # two steps do not use every bucket
+        evals = {(32, n) for s in ("validation", "test")
+                 for n in data.eval_lengths(job.splits[s], 32, cfg.data.buckets, None)}
+        assert job.eval_step.shapes() == sorted(evals)
+    finally:
+        job.ckpt.close()
+        job.batches.close()
+    train.run(cfg, show_progress=False)
+    job = train.setup(cfg)  # the same command again: nothing left to train
+    try:
+        assert job.train_step.shapes() == [] and job.eval_step.shapes()
+    finally:
+        job.ckpt.close()
+        job.batches.close()
+
+
+def test_machine_key_names_the_jax_version_and_platform():
+    import jax
+
+    key = compilation.machine_key()
+    assert key.startswith(f"jax{jax.__version__}-cpu-") and key == compilation.machine_key()
+    assert os.sep not in key
