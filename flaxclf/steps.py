@@ -18,11 +18,6 @@ from flaxclf import losses, sharding
 from flaxclf.model import BertClassifier, dummy_inputs
 
 BATCH_AXES = ("data", "fsdp")
-# XLA:CPU gives each call its temporaries as one block, whose size grows with the batch length (185 MB for the
-# MiniLM train step at 32 x 16, 1.48 GB at 32 x 128). Under flaxclf.hostmem's malloc, which keeps what is freed,
-# blocks of seven different sizes fragmented the heap to the sum of them all (peak RSS 4.6 GB on the default
-# job). Cut into pieces of at most 32 MB, every length's temporaries reuse the same freed pieces.
-CPU_COMPILER_OPTIONS = {"xla_multiheap_size_constraint_per_heap": 32 * 2**20}
 
 
 @flax.struct.dataclass
@@ -116,12 +111,11 @@ def compile_steps(model: BertClassifier, tx: optax.GradientTransformation, loss_
     """train_step and eval_step under jax.jit with explicit shardings; the state is donated. `loss_spec`: a
     LossSpec, or a plain problem type for PyTorch's loss with no weights."""
     batch_s = sharding.batch_sharding(mesh)
-    options = CPU_COMPILER_OPTIONS if mesh.devices.flat[0].platform == "cpu" else None
     train = jax.jit(
         functools.partial(train_step, model=model, tx=tx, loss_spec=loss_spec, accum_steps=accum_steps,
                           mesh=mesh),
         in_shardings=(shardings, batch_s), out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=0, compiler_options=options)
+        donate_argnums=0)
     evaluate = jax.jit(functools.partial(eval_step, model=model), in_shardings=(shardings.params, batch_s),
-                       out_shardings=batch_s, compiler_options=options)
+                       out_shardings=batch_s)
     return train, evaluate
