@@ -146,7 +146,9 @@ def setup(cfg: RunConfig, clock: timing.Clock | None = None) -> Job:
         model_dir = assets.resolve_model(cfg.model.name)
         task, splits = data.load_task(cfg.data, model_dir, train_batch_size=cfg.train.global_batch_size)
     with clock.phase("model"):
-        step_cache = None if cache_dir is None else compilation.StepCache(cache_dir / "steps", list(mesh.devices.flat))
+        # One process only: a multi-process executable holds collectives set up for that job's processes.
+        step_cache = (compilation.StepCache(cache_dir / "steps", list(mesh.devices.flat))
+                      if cache_dir is not None and jax.process_count() == 1 else None)
         return _setup_model(cfg, clock, run_dir, mesh, model_dir, task, splits, step_cache)
 
 
