@@ -8,6 +8,7 @@ job's 7 train and 7 eval shapes take ~85 s on 2 cores; from the cache they load 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -24,7 +25,7 @@ CACHE_MAX_BYTES = 4 * 2**30
 log = logging.getLogger(__name__)
 
 
-def cpu_count() -> int:
+def _cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -143,7 +144,8 @@ class StepCache:
             log.debug("step cache: %s unreadable (%s); compiling", path, e)
             return None
         monitoring.record_event_duration_secs(STEP_LOAD_EVENT, time.perf_counter() - start)
-        os.utime(path)  # recently used: the last to be dropped
+        with contextlib.suppress(OSError):  # recently used: the last to be dropped (a read-only file still loads)
+            os.utime(path)
         return compiled
 
     def save(self, path: Path, compiled: Any) -> None:
@@ -248,4 +250,4 @@ def pool(jobs: int) -> ThreadPoolExecutor:
     least one. XLA:CPU already spreads one compile over the cores (on 2 cores the default job's 14 steps took
     88 s on one thread and 87 s on two), and loads from the cache contend (6.1 s on one thread, 9.7 s on two);
     on a many-core host, or for a GPU, whose compiles run on one core, a few at once pay."""
-    return ThreadPoolExecutor(max(1, min(cpu_count() // 4, jobs)), thread_name_prefix="flaxclf-compile")
+    return ThreadPoolExecutor(max(1, min(_cpu_count() // 4, jobs)), thread_name_prefix="flaxclf-compile")
