@@ -94,6 +94,17 @@ class Clock:
         self.seconds["startup"] = self.before
         self._stack: list[tuple[str, float]] = []
         self._compile0 = compile_totals()
+        # How much each phase raised the process's peak resident memory: the high-water mark is read at every
+        # phase switch and its rise charged to the phase that was running, so a run shows where its peak comes
+        # from (the imports and whatever ran before the Clock count as start-up).
+        self._peak = peak_rss_bytes()
+        self.peak_rise = dict.fromkeys(PHASES, 0)
+        self.peak_rise["startup"] = self._peak
+
+    def _charge_peak(self, name: str) -> None:
+        peak = peak_rss_bytes()
+        self.peak_rise[name] += peak - self._peak
+        self._peak = peak
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -101,6 +112,9 @@ class Clock:
         if self._stack:  # pause the enclosing phase
             outer, since = self._stack[-1]
             self.seconds[outer] += now - since
+            self._charge_peak(outer)
+        else:
+            self._charge_peak("other")
         self._stack.append((name, now))
         try:
             yield
@@ -108,6 +122,7 @@ class Clock:
             end = time.perf_counter()
             _, since = self._stack.pop()
             self.seconds[name] += end - since
+            self._charge_peak(name)
             if self._stack:
                 self._stack[-1] = (self._stack[-1][0], end)
 
@@ -115,14 +130,17 @@ class Clock:
         return self.before + time.perf_counter() - self.t0
 
     def breakdown(self) -> dict:
-        """{"wall_s", "phases_s": {phase: seconds}, "compilation": {...}} with "other" the unassigned rest."""
+        """{"wall_s", "phases_s": {phase: seconds}, "compilation": {...}, "peak_rss_gb", "peak_rss_rise_gb": {phase:
+        how much the peak rose while it ran}} with "other" the unassigned rest; the rises add up to the peak."""
         wall = self.wall()
         phases = {k: v for k, v in self.seconds.items() if k != "other"}
         phases["other"] = max(wall - sum(phases.values()), 0.0)
         now = compile_totals()
         compiled = {k: round(now[k] - self._compile0[k], 3) for k in now}
+        self._charge_peak(self._stack[-1][0] if self._stack else "other")
         return {"wall_s": wall, "phases_s": {k: round(v, 3) for k, v in phases.items()}, "compilation": compiled,
-                "peak_rss_gb": round(peak_rss_bytes() / 1e9, 3)}
+                "peak_rss_gb": round(self._peak / 1e9, 3),
+                "peak_rss_rise_gb": {k: round(v / 1e9, 3) for k, v in self.peak_rise.items()}}
 
 
 def peak_rss_bytes() -> int:
@@ -141,5 +159,7 @@ def describe(breakdown: dict) -> str:
     parts = ", ".join(f"{k} {v:.0f} s ({v / wall:.0%})" for v, k in shown)
     c = breakdown["compilation"]
     cached = f", {c['cache_hits']} read from the compilation cache" if c["cache_hits"] else ""
+    rises = sorted(((v, k) for k, v in breakdown["peak_rss_rise_gb"].items() if v >= 0.05), reverse=True)
+    by = ", ".join(f"{k} +{v:.2f}" for v, k in rises)
     return (f"time: {parts}; compilation {c['seconds']:.0f} s over {c['compiles']} executables{cached}; "
-            f"peak memory {breakdown['peak_rss_gb']:.2f} GB")
+            f"peak memory {breakdown['peak_rss_gb']:.2f} GB ({by})")

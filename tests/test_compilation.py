@@ -61,6 +61,25 @@ def test_the_breakdown_adds_up_to_the_wall_time(cached_runs):
     assert t["phases_s"]["compile"] + t["phases_s"]["model"] > t["phases_s"]["train"] / 10
     assert t["compilation"]["compiles"] >= 4 and t["compilation"]["seconds"] > 0 and t["peak_rss_gb"] > 0.1
     assert "  time: " in cached_runs["stdout"]["first"] and "compilation " in cached_runs["stdout"]["first"]
+    rises = t["peak_rss_rise_gb"]
+    assert list(rises) == list(timing.PHASES) and min(rises.values()) >= 0
+    assert sum(rises.values()) == pytest.approx(t["peak_rss_gb"], abs=0.01)  # the rises add up to the peak
+    assert "peak memory " in cached_runs["stdout"]["first"] and "startup +" in cached_runs["stdout"]["first"]
+
+
+def test_the_peak_memory_rise_is_charged_to_the_phase_that_allocated():
+    clock = timing.Clock()
+    resident = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    rise = 400 * 2**20  # above whatever peak this process reached before
+    with clock.phase("train"):
+        with clock.phase("evaluate"):
+            block = np.ones(timing.peak_rss_bytes() - resident + rise, np.uint8)  # touched: resident
+        del block
+        with clock.phase("export"):
+            pass
+    rises = clock.breakdown()["peak_rss_rise_gb"]
+    assert rises["evaluate"] == pytest.approx(rise / 1e9, rel=0.1)
+    assert rises["train"] < 0.05 and rises["export"] < 0.05
 
 
 def test_a_second_run_reads_every_executable_from_the_cache_and_trains_the_same(cached_runs):
