@@ -77,7 +77,8 @@ class BertSpec:
     num_hidden_groups: int = 1  # ALBERT: weight sets shared by the num_hidden_layers positions
 
     def __post_init__(self):
-        family_of(self.model_type)  # raises, naming the supported types
+        if family_of(self.model_type).encoder != "bert":  # family_of raises, naming the supported types
+            raise ValueError(f"model_type {self.model_type!r} is not a BERT-like encoder; use spec_from_hf")
         if self.num_hidden_layers % self.num_hidden_groups:
             raise ValueError(f"num_hidden_groups {self.num_hidden_groups} does not divide num_hidden_layers "
                              f"{self.num_hidden_layers}")
@@ -143,6 +144,15 @@ class BertSpec:
         import transformers
 
         return transformers.AutoConfig.for_model(**self.to_hf(**extra))
+
+
+def spec_from_hf(hf: Mapping[str, Any]):
+    """The encoder spec of a config.json: a BertSpec, or for ModernBERT a flaxclf.modernbert.ModernBertSpec."""
+    if family_of(hf.get("model_type", "bert")).encoder == "modernbert":
+        from flaxclf.modernbert import ModernBertSpec
+
+        return ModernBertSpec.from_hf(hf)
+    return BertSpec.from_hf(hf)
 
 
 def read_hf_config(folder: str | Path) -> dict[str, Any]:

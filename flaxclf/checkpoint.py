@@ -17,7 +17,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from flaxclf import assets, sharding, weights
 from flaxclf.config import CheckpointConfig, MeshConfig, RunConfig, from_dict
-from flaxclf.model import BertClassifier, dummy_inputs
+from flaxclf.model import BertClassifier, dummy_inputs, make_classifier
 
 log = logging.getLogger("flaxclf")
 
@@ -285,7 +285,7 @@ def classifier_from_meta(meta: dict, cfg: RunConfig) -> tuple[BertClassifier, Pa
     model_dir = assets.resolve_model(cfg.model.name)
     overrides = dict(meta["classifier"], label_names=tuple(meta["classifier"]["label_names"]))
     config = weights.classifier_config(model_dir, cfg.model.impl, **overrides)
-    return BertClassifier(config, dtype=jnp.dtype(cfg.model.dtype), impl=cfg.model.impl), model_dir
+    return make_classifier(config, dtype=jnp.dtype(cfg.model.dtype), impl=cfg.model.impl), model_dir
 
 
 def load_params_for_inference(run_dir: str | Path, step: int | str | None = None,

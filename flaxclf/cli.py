@@ -181,10 +181,11 @@ def _inspect(args: argparse.Namespace) -> int:
               f"moved by a random vector of norm {args.scale:g}*|h_i|; logit change = the largest change of a "
               "logit\n")
         print(inspect.influence_table(inf))
-        print("\n" + inspect.verdict(loaded.model.config.pooling, inf))
+        print("\n" + inspect.verdict(inspect.pooling_name(loaded.model.config), inf))
     if args.json:
+        pooling = inspect.pooling_name(loaded.model.config)
         _write_json({"model": loaded.source, "pooling": loaded.model.config.pooling, "text": args.text,
-                     **inf.to_dict(), "verdict": inspect.verdict(loaded.model.config.pooling, inf)}, args.json)
+                     **inf.to_dict(), "verdict": inspect.verdict(pooling, inf)}, args.json)
     return 0
 
 

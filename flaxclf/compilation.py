@@ -226,6 +226,16 @@ class Precompiled:
     def shapes(self) -> list[tuple[int, ...]]:
         return sorted(self._futures)
 
+    def temp_bytes(self) -> int:
+        """The largest temporaries of the executables ready so far (XLA's memory analysis; 0 if none says)."""
+        out = 0
+        for exe in self._ready.values():
+            try:
+                out = max(out, int(exe.memory_analysis().temp_size_in_bytes))
+            except Exception:  # noqa: BLE001 - an executable that can't say (a backend without the analysis)
+                continue
+        return out
+
 
 _thread = threading.local()
 _watching = []

@@ -124,6 +124,10 @@ class TrainConfig:
     # reads them instead of compiling; results are the same either way. Dir None: <flaxclf cache>/xla.
     compilation_cache: bool = True
     compilation_cache_dir: str | None = None
+    # The flaxclf command keeps the memory XLA frees for reuse (flaxclf.hostmem); above this many GB of resident
+    # memory the kept heap's free pages go back to the kernel. null: one step's working set (the memory in use
+    # once the steps are compiled plus 1.25 x the largest step's temporaries); 0: never (the heap only grows).
+    host_memory_cap_gb: float | None = None
 
 
 @dataclass
@@ -328,6 +332,8 @@ def validate(cfg: RunConfig) -> None:
            f"train.early_stopping_patience: {t.early_stopping_patience} must be >= 1 or null")
     _check(t.early_stopping_min_delta >= 0,
            f"train.early_stopping_min_delta: {t.early_stopping_min_delta} must be >= 0")
+    _check(t.host_memory_cap_gb is None or t.host_memory_cap_gb >= 0,
+           f"train.host_memory_cap_gb: {t.host_memory_cap_gb} must be >= 0 (0: never trim) or null (automatic)")
     ls = cfg.loss.label_smoothing
     _check(0.0 <= ls < 1.0, f"loss.label_smoothing: {ls} must be in [0, 1)")
     _check(t.global_batch_size > 0, f"train.global_batch_size: {t.global_batch_size} must be positive")

@@ -9,10 +9,11 @@ Each family is what its transformers *ForSequenceClassification does differently
     its activation, and whether a dropout comes before it;
   * names: config.json's keys and the state dict's module names, mapped onto flaxclf's canonical parameter tree.
 
-flaxclf's parameter tree is the same for every family: the encoder under bert/ with BERT's module names, the
-head's dense layer at pooler/dense and the last linear layer at classifier. So sharding rules, checkpoints,
+flaxclf's parameter tree is the same for every BERT-like family: the encoder under bert/ with BERT's module names,
+the head's dense layer at pooler/dense and the last linear layer at classifier. So sharding rules, checkpoints,
 inspect and the optimizer's decay mask hold for every family; names change only at the Hugging Face boundary
-(flaxclf.weights)."""
+(flaxclf.weights). ModernBERT (encoder "modernbert") is another encoder (flaxclf.modernbert) whose tree is its
+PyTorch names, so its family entry renames nothing."""
 
 from __future__ import annotations
 
@@ -55,6 +56,10 @@ class Family:
     # heads (pretraining, language modelling) that a classifier ignores.
     names: tuple[tuple[str, str], ...] = ()
     ignored: tuple[str, ...] = ()
+    # The module that computes it: "bert" (flaxclf.fast_bert and the head in flaxclf.model) or "modernbert"
+    # (flaxclf.modernbert, with its own head: pooling by classifier_pooling, dense, activation, norm).
+    encoder: str = "bert"
+    head_path: str = "pooler"  # the head's dense layer(s) before the classifier, in flaxclf's tree
 
     def hf_key(self, spec_field: str) -> str:
         return self.config_keys.get(spec_field, spec_field)
@@ -139,6 +144,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                 _BERT_LAYER + "output.LayerNorm."),
                ("albert.pooler.", "pooler.dense."), ("albert.", "bert."), ("classifier.", "classifier.")),
         ignored=("predictions.", "sop_classifier.")),
+    Family(
+        name="modernbert", architectures={"modernbert": "ModernBertForSequenceClassification"}, prefix="model",
+        encoder="modernbert", token_types=False, head_is_new=True, head_path="head",
+        head_names="head (classifier_pooling cls or mean -> dense -> activation -> norm)",
+        classifier_dropout_default=0.0,
+        names=(("model.", "model."), ("head.", "head."), ("classifier.", "classifier.")),
+        # ModernBertForMaskedLM's decoder; its `head` is the classifier's own prediction head, and is kept.
+        ignored=("decoder.",)),
 )}
 
 MODEL_TYPES: dict[str, Family] = {t: f for f in FAMILIES.values() for t in f.model_types}

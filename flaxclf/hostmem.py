@@ -7,7 +7,7 @@ a 2 s step, and 2-4 s when the kernel had handed the freed pages back to the hos
 reporting; measured with torch stepping between our steps, as bench/step_vs_torch.py does). With glibc told
 to serve everything from its one main heap and never give it back, the second and later steps fault no page
 and the step runs ~10-40% faster (bench/README.md). The cost is that the process keeps its peak heap for its
-lifetime, which a training process reaches on its first step anyway.
+lifetime, unless a HeapCap trims it: the train loop caps it at one step's working set (train.host_memory_cap_gb).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import threading
 
 # mallopt(3) parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -33,9 +34,75 @@ def keep_freed_memory() -> bool:
     """
     if os.environ.get(OPT_OUT, "1") == "0" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
+    global _kept
     mallopt = ctypes.CDLL("libc.so.6").mallopt
     # One arena: every thread allocates from the main heap, which grows with brk and keeps what is freed
     # (other arenas are capped at 64 MB and map bigger blocks with mmap). No mmap: big blocks come from that
     # heap too. Trim threshold -1 (SIZE_MAX): free never hands the heap's top back to the kernel.
-    return all(mallopt(param, value) == 1
-               for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+    _kept = all(mallopt(param, value) == 1
+                for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+    return _kept
+
+
+# Whether keep_freed_memory() took effect in this process (only then is there a kept heap to cap).
+_kept = False
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def kept() -> bool:
+    return _kept
+
+
+def resident_bytes() -> int:
+    """The process's resident memory now (Linux /proc; 0 elsewhere)."""
+    try:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def in_use_bytes() -> int | None:
+    """Bytes malloc has handed out and not had back (glibc >= 2.33's mallinfo2); None where it can't say."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        return int(libc.mallinfo2().uordblks)
+    except (OSError, AttributeError):
+        return None
+
+
+class HeapCap:
+    """Gives the kept heap's free pages back to the kernel (malloc_trim) whenever the resident memory passes
+    `limit` bytes, checked every `every` seconds on a thread of its own.
+
+    Why: a heap that is never trimmed only grows. XLA:CPU's per-call temporaries differ with each bucket's
+    shape, small long-lived blocks land in the holes that big ones leave, and the next big block no longer fits
+    in any hole: the main job's heap reached 5.0 GB holding 1.3-2.7 GB (bench/README.md). Trimming above a cap
+    that holds one step's working set bounds that, and costs a step its page faults only on the rare trims."""
+
+    def __init__(self, limit: int, every: float = 0.2):
+        self.limit, self.every, self.trims = int(limit), every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="flaxclf-heap-cap", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+        while not self._stop.wait(self.every):
+            if resident_bytes() > self.limit:
+                trim(0)
+                self.trims += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def cap_heap(limit: int) -> HeapCap | None:
+    """A HeapCap at `limit` bytes where keep_freed_memory() took effect (elsewhere malloc returns big blocks by
+    itself), and limit > 0."""
+    return HeapCap(limit) if _kept and limit > 0 else None

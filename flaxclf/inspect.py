@@ -19,7 +19,8 @@ from flax.traverse_util import flatten_dict
 
 from flaxclf import data, families
 from flaxclf.families import Family
-from flaxclf.model import BertClassifier
+from flaxclf.model import BertClassifier, ClassifierConfig
+from flaxclf.modernbert import ModernBertSpec
 from flaxclf.predict import Loaded
 from flaxclf.vocab import HF_POOLING
 
@@ -64,12 +65,12 @@ def _measure_fn(model: BertClassifier, scale: float, seed: int):
     """The jitted measurement for one model (cached: a second text of the same length does not recompile)."""
 
     def measure(params, ids, mask, types):
-        hidden = model.apply(params, ids, mask, types, method=BertClassifier.encode)  # [1, L, D]
+        hidden = model.apply(params, ids, mask, types, method="encode")  # [1, L, D]
         h_LxD = hidden[0].astype(jnp.float32)
         length = h_LxD.shape[0]
 
         def head(h_LxD):
-            return model.apply(params, h_LxD[None].astype(hidden.dtype), mask, method=BertClassifier.head)[0]
+            return model.apply(params, h_LxD[None].astype(hidden.dtype), mask, method="classify")[0]
 
         u_LxD = jax.random.normal(jax.random.PRNGKey(seed), h_LxD.shape)
         u_LxD = u_LxD / jnp.linalg.norm(u_LxD, axis=-1, keepdims=True)
@@ -122,9 +123,51 @@ def _hf_module(family: Family, canonical: str) -> str:
     return "pooler" if name == "pooler.dense" else name
 
 
+def pooling_name(cfg: ClassifierConfig) -> str:
+    """The pooling setting as the user knows it: model.pooling, or ModernBERT's classifier_pooling."""
+    if isinstance(cfg.backbone, ModernBertSpec):
+        return f"{cfg.backbone.classifier_pooling} (ModernBERT's classifier_pooling)"
+    return cfg.pooling
+
+
+def _table(loaded: Loaded, rows: list[tuple[str, str, str]]) -> str:
+    cfg, p = loaded.model.config, loaded.params["params"]
+    w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    w2 = max(len(r[2]) for r in rows)
+    lines = [f"{loaded.source}: pooling={pooling_name(cfg)}, {loaded.problem_type}, labels {loaded.label_names}"]
+    for i, (what, shape, n) in enumerate(rows):
+        arrow = "   " if i == 0 or what.startswith("  ") else "-> "
+        lines.append(f"  {arrow}{what.ljust(w0)}  {shape.ljust(w1)}  {n.rjust(w2)}{' params' if n else ''}")
+    lines.append(f"  total {_count(p):,} params")
+    return "\n".join(lines)
+
+
+def _modernbert_rows(cfg: ClassifierConfig, p: dict, length: int) -> list[tuple[str, str, str]]:
+    b, d, c = cfg.backbone, cfg.backbone.hidden_size, cfg.num_labels
+    every = b.global_attn_every_n_layers
+    glob = sum(b.is_global(i) for i in range(b.num_hidden_layers))
+    local_theta = b.global_rope_theta if b.local_rope_theta is None else b.local_rope_theta
+    return [
+        ("input_ids, attention_mask", f"[1, {length}]", ""),
+        (f"backbone: modernbert, {b.num_hidden_layers} layers, hidden {d}, {b.num_attention_heads} heads",
+         f"hidden [1, {length}, {d}]", f"{_count(p['model']):,}"),
+        (f"  embeddings (vocab {b.vocab_size}, no positions: rotary; no token types) + norm", "",
+         f"{_count(p['model']['embeddings']):,}"),
+        (f"  encoder: {glob} global layers (every {every}, rotary theta {b.global_rope_theta:g}) and "
+         f"{b.num_hidden_layers - glob} local (window +-{b.window}, theta {local_theta:g})"
+         f", GeGLU {b.intermediate_size}; final norm", "", ""),
+        (f"positions: {_POSITIONS[b.classifier_pooling]}", f"[1, {d}]", "0"),
+        (f"head: norm({b.classifier_activation}(dense {d} -> {d}))", f"[1, {d}]", f"{_count(p['head']):,}"),
+        (f"dropout: p={cfg.dropout_rate:g} (training only)", f"[1, {d}]", "0"),
+        (f"classifier: dense {d} -> {c}", f"logits [1, {c}]", f"{_count(p['classifier']):,}"),
+    ]
+
+
 def architecture(loaded: Loaded, length: int) -> str:
     """The head as a chain of steps with output shapes (batch 1, padded length `length`) and parameter counts."""
     cfg, p = loaded.model.config, loaded.params["params"]
+    if isinstance(cfg.backbone, ModernBertSpec):
+        return _table(loaded, _modernbert_rows(cfg, p, length))
     b, d, c = cfg.backbone, cfg.backbone.hidden_size, cfg.num_labels
     family = b.family
     flat = flatten_dict(p["bert"])
@@ -154,14 +197,7 @@ def architecture(loaded: Loaded, length: int) -> str:
         rows.append((f"{_hf_module(family, 'pooler.dense')}: none (pooling={cfg.pooling!r})", "", "0"))
     rows += [dropout, (f"{_hf_module(family, 'classifier')}: dense {d} -> {c}", f"logits [1, {c}]",
                        f"{_count(p['classifier']):,}")]
-    w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
-    w2 = max(len(r[2]) for r in rows)
-    lines = [f"{loaded.source}: pooling={cfg.pooling}, {loaded.problem_type}, labels {loaded.label_names}"]
-    for i, (what, shape, n) in enumerate(rows):
-        arrow = "   " if i == 0 or what.startswith("  ") else "-> "
-        lines.append(f"  {arrow}{what.ljust(w0)}  {shape.ljust(w1)}  {n.rjust(w2)}{' params' if n else ''}")
-    lines.append(f"  total {_count(p):,} params")
-    return "\n".join(lines)
+    return _table(loaded, rows)
 
 
 # ---------------------------------------------------------------------------------------------- the table

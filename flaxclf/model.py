@@ -1,5 +1,5 @@
 """The classifier: encoder -> pooling -> the family's head, as PyTorch's *ForSequenceClassification (BERT,
-RoBERTa/XLM-R/CamemBERT, ELECTRA, DistilBERT, ALBERT: flaxclf.families)."""
+RoBERTa/XLM-R/CamemBERT, ELECTRA, DistilBERT, ALBERT: flaxclf.families; ModernBERT: flaxclf.modernbert)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flaxclf.backbone import BertSpec, hf_flax_bert_module
+from flaxclf.backbone import BertSpec, hf_flax_bert_module, spec_from_hf
 from flaxclf.fast_bert import ACTIVATIONS, FastBertModule
+from flaxclf.modernbert import ModernBertClassifier, ModernBertSpec
 from flaxclf.vocab import CLS_POOLINGS, HF_POOLING, IMPLS, POOLINGS, PROBLEM_TYPES, REGRESSION, Pooling
 
 
@@ -19,7 +20,7 @@ from flaxclf.vocab import CLS_POOLINGS, HF_POOLING, IMPLS, POOLINGS, PROBLEM_TYP
 class ClassifierConfig:
     """Everything that fixes the classifier's math and its labels; separate from the run config."""
 
-    backbone: BertSpec = field(default_factory=BertSpec)
+    backbone: BertSpec | ModernBertSpec = field(default_factory=BertSpec)
     num_labels: int = 2
     pooling: Pooling = HF_POOLING
     problem_type: str | None = None  # None: decided from the labels, as PyTorch does
@@ -29,6 +30,14 @@ class ClassifierConfig:
     def __post_init__(self):
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling {self.pooling!r} is not known; use one of {', '.join(POOLINGS)}")
+        if isinstance(self.backbone, ModernBertSpec) and self.pooling != HF_POOLING:
+            # ModernBERT's own head pools by classifier_pooling, cls or mean, and PyTorch's class has both: the
+            # choice goes into the spec (and so into an export's config.json), and the head stays the family's.
+            if self.pooling not in ("cls", "mean"):
+                raise ValueError(f"pooling {self.pooling!r} is not one of ModernBERT's; use cls, mean or "
+                                 f"{HF_POOLING} (the checkpoint's classifier_pooling)")
+            object.__setattr__(self, "backbone", replace(self.backbone, classifier_pooling=self.pooling))
+            object.__setattr__(self, "pooling", HF_POOLING)
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type {self.problem_type!r} is not known; use one of {', '.join(PROBLEM_TYPES)}")
         if self.num_labels < 1:
@@ -67,7 +76,7 @@ class ClassifierConfig:
         num_labels = len(names) or hf.get("num_labels") or 2
         if names and all(n == f"LABEL_{i}" for i, n in enumerate(names)):
             names = ()  # HF's placeholder names carry no information
-        backbone = BertSpec.from_hf(hf)
+        backbone = spec_from_hf(hf)
         family = backbone.family
         fields = dict(backbone=backbone, num_labels=num_labels, label_names=names, problem_type=hf.get("problem_type"),
                       classifier_dropout=hf.get(family.classifier_dropout_key, family.classifier_dropout_default))
@@ -160,7 +169,7 @@ class BertClassifier(nn.Module):
         cls_only = self.impl == "fast" and self.config.pooling in CLS_POOLINGS
         hidden = self.encode(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
                              cls_only=cls_only)
-        return self.head(hidden, attention_mask, deterministic=deterministic)
+        return self.classify(hidden, attention_mask, deterministic=deterministic)
 
     def encode(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True,
                cls_only: bool = False):
@@ -173,7 +182,7 @@ class BertClassifier(nn.Module):
         out = self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic, return_dict=False)
         return out[0]
 
-    def head(self, hidden_BxLxD, attention_mask, *, deterministic: bool = True):
+    def classify(self, hidden_BxLxD, attention_mask, *, deterministic: bool = True):
         """Pooling -> (the family's dense layer) -> dropout -> classifier, from final hidden states to float32
         logits [B, C]."""
         if self.config.pooling == HF_POOLING:
@@ -184,6 +193,18 @@ class BertClassifier(nn.Module):
             x = pool(hidden_BxLxD, attention_mask, self.config.pooling)
         x = self.dropout(x, deterministic=deterministic)
         return self.classifier(x).astype(jnp.float32)
+
+
+def make_classifier(config: ClassifierConfig, dtype: Any = jnp.float32, remat: bool = False,
+                    impl: str = "fast") -> BertClassifier | ModernBertClassifier:
+    """The Flax module of `config`'s family: BertClassifier, or ModernBertClassifier for ModernBERT (the same
+    interface: __call__, encode, classify)."""
+    if isinstance(config.backbone, ModernBertSpec):
+        if impl != "fast":
+            raise ValueError(f"impl {impl!r} is transformers' FlaxBertModule, for BERT; a modernbert model needs "
+                             "impl 'fast'")
+        return ModernBertClassifier(config, dtype=dtype, remat=remat)
+    return BertClassifier(config, dtype=dtype, remat=remat, impl=impl)
 
 
 def dummy_inputs(batch: int = 1, length: int = 8) -> dict[str, jax.Array]:

@@ -43,10 +43,12 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params: Any) -> Any:
-    """True for leaves that get weight decay: all but biases and LayerNorm params (embeddings included)."""
+    """True for leaves that get weight decay: all but biases and LayerNorm params (embeddings included), as HF
+    Trainer's get_decay_parameter_names; a norm's scale is its only "scale" leaf (ModernBERT's norms are named
+    norm, attn_norm, mlp_norm, final_norm)."""
     def decays(key_path: Any, _: Any) -> bool:
         path = path_str(key_path)
-        return not (path.endswith("bias") or "LayerNorm" in path)
+        return not (path.endswith(("bias", "scale")) or "LayerNorm" in path)
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

@@ -18,7 +18,7 @@ from flaxclf import assets, data, weights
 from flaxclf.config import DataConfig, RunConfig, from_dict
 from flaxclf.data import long_text, tokens
 from flaxclf.data.long_text import LongText
-from flaxclf.model import BertClassifier
+from flaxclf.model import BertClassifier, make_classifier
 from flaxclf.vocab import HF_POOLING, MULTI, REGRESSION, SINGLE
 
 log = logging.getLogger("flaxclf")
@@ -98,7 +98,7 @@ def load(source: str, *, step: str | int | None = None, pooling: str | None = No
     if num_labels is not None:
         overrides["num_labels"] = num_labels
     config = weights.classifier_config(folder, **overrides)
-    model = BertClassifier(config)
+    model = make_classifier(config)
     params = weights.load_params(model, folder, jax.random.PRNGKey(0))
     notes = [] if _has_head(folder) else [f"{source} has no trained classifier head (a base model): the head is "
                                           "random, so its predictions mean nothing"]
@@ -134,8 +134,8 @@ def _load_run(run_dir: Path, step: str | int | None, max_length: int | None) -> 
         model_dir = assets.resolve_model(cfg.model.name)
         # The export's config.json carries the head (labels, problem type, dropout); the run's the compute dtype.
         export = run_dir / "export"
-        model = BertClassifier(weights.classifier_config(export, pooling=cfg.model.pooling),
-                               dtype=jnp.dtype(cfg.model.dtype), impl=cfg.model.impl)
+        model = make_classifier(weights.classifier_config(export, pooling=cfg.model.pooling),
+                                dtype=jnp.dtype(cfg.model.dtype), impl=cfg.model.impl)
         params, which = weights.load_params(model, export, jax.random.PRNGKey(0)), "export/"
     d = cfg.data
     return Loaded(model, params, model_dir, f"{run_dir} ({which})", max_length or d.max_length, list(d.buckets), cfg,

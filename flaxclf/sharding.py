@@ -33,6 +33,15 @@ PARAM_RULES: list[tuple[str, P]] = [
     # The head's hidden x hidden dense layer (BERT's pooler, RoBERTa's classifier.dense, ...): as large as one
     # attention projection (16.8M parameters in ALBERT-xxlarge), so it is not replicated either.
     (r"pooler/dense/kernel$", P("fsdp")),
+    # ModernBERT (flaxclf.modernbert, PyTorch's names): the fused Wqkv and the GeGLU's Wi split their outputs,
+    # the two Wo their inputs, as above; its vocabulary (50368) by the hidden dim too.
+    (r"attn/Wqkv/kernel$", P("fsdp", "tensor")),
+    (r"attn/Wqkv/bias$", P("tensor")),
+    (r"mlp/Wi/kernel$", P("fsdp", "tensor")),
+    (r"mlp/Wi/bias$", P("tensor")),
+    (r"(attn|mlp)/Wo/kernel$", P("tensor", "fsdp")),
+    (r"tok_embeddings/embedding$", P(None, "fsdp")),
+    (r"head/dense/kernel$", P("fsdp")),
 ]
 
 

@@ -18,7 +18,19 @@ import numpy as np
 import yaml
 from jax.experimental import multihost_utils
 
-from flaxclf import assets, compilation, data, distributed, losses, metrics, sharding, stopping, timing, weights
+from flaxclf import (
+    assets,
+    compilation,
+    data,
+    distributed,
+    hostmem,
+    losses,
+    metrics,
+    sharding,
+    stopping,
+    timing,
+    weights,
+)
 from flaxclf.checkpoint import (
     CHECKPOINTS,
     UNREADABLE_SUFFIX,
@@ -31,7 +43,7 @@ from flaxclf.checkpoint import (
 )
 from flaxclf.config import ConfigError, RunConfig
 from flaxclf.data import long_text
-from flaxclf.model import BertClassifier, ClassifierConfig, cast_floats
+from flaxclf.model import BertClassifier, ClassifierConfig, cast_floats, make_classifier
 from flaxclf.optim import lr_schedule, make_optimizer
 from flaxclf.runlog import METRICS_FILE, RunLog
 from flaxclf.steps import TrainState, abstract_state, compile_steps, create_state, state_shardings
@@ -118,7 +130,7 @@ def _classifier_overrides(cfg: RunConfig, task: data.Task) -> dict:
 
 def _classifier(cfg: RunConfig, model_dir: Path, task: data.Task) -> BertClassifier:
     config: ClassifierConfig = weights.classifier_config(model_dir, cfg.model.impl, **_classifier_overrides(cfg, task))
-    return BertClassifier(config, dtype=jnp.dtype(cfg.model.dtype), remat=cfg.model.remat, impl=cfg.model.impl)
+    return make_classifier(config, dtype=jnp.dtype(cfg.model.dtype), remat=cfg.model.remat, impl=cfg.model.impl)
 
 
 def _meta(job: Job) -> dict:
@@ -427,6 +439,19 @@ def finish(job: Job, log: RunLog, clock: timing.Clock | None = None) -> dict:
     return summary
 
 
+def _heap_cap(job: Job) -> hostmem.HeapCap | None:
+    """The kept heap's cap (flaxclf.hostmem.HeapCap), where the flaxclf command keeps freed memory: the GB
+    train.host_memory_cap_gb says, or by default what is in use once the steps are compiled plus 1.25 times the
+    largest step's temporaries (one step's working set, with room for the batches and metrics around it)."""
+    gb = job.cfg.train.host_memory_cap_gb
+    if gb is not None:
+        return hostmem.cap_heap(int(gb * 1e9))
+    in_use, temp = hostmem.in_use_bytes(), max(job.train_step.temp_bytes(), job.eval_step.temp_bytes())
+    if in_use is None or temp == 0:  # nothing to size it by: leave the heap as it is
+        return None
+    return hostmem.cap_heap(in_use + int(1.25 * temp))
+
+
 def run(cfg: RunConfig, show_progress: bool = True, clock: timing.Clock | None = None) -> dict:
     """The whole job; returns the summary (also written to <output_dir>/summary.json) with its time breakdown
     (flaxclf.timing) measured from the Clock given, or from this call."""
@@ -445,6 +470,10 @@ def run(cfg: RunConfig, show_progress: bool = True, clock: timing.Clock | None =
         log.say(f"training {job.total_steps} steps from step 0 into {job.run_dir}")
     if note := losses.describe(job.loss, job.task.label_names):
         log.say(note)
+    cap = _heap_cap(job)
+    if cap is not None:
+        log.say(f"host memory: freed memory kept for reuse, given back above {cap.limit / 1e9:.2f} GB resident "
+                "(train.host_memory_cap_gb)")
     try:
         with _Signals() as signals:
             train_loop(job, log, signals, clock)
@@ -454,9 +483,13 @@ def run(cfg: RunConfig, show_progress: bool = True, clock: timing.Clock | None =
         log.close()
         raise
     finally:
+        if cap is not None:
+            cap.stop()
         with clock.phase("checkpoint"):  # orbax's close waits for its threads
             job.batches.close()
             job.ckpt.close()
+    if cap is not None:
+        summary["host_memory"] = {"cap_gb": round(cap.limit / 1e9, 3), "trims": cap.trims}
     if jax.process_index() == 0:
         with clock.phase("plots"):
             summary["plots"] = _draw_plots(job.run_dir, log)

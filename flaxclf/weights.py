@@ -16,7 +16,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from flaxclf import families, files
 from flaxclf.backbone import read_hf_config
 from flaxclf.families import FAMILIES, Family
-from flaxclf.model import BertClassifier, ClassifierConfig, cast_floats, dummy_inputs
+from flaxclf.model import BertClassifier, ClassifierConfig, cast_floats, dummy_inputs, make_classifier
 from flaxclf.vocab import HF_POOLING
 
 log = logging.getLogger("flaxclf")
@@ -40,7 +40,7 @@ def _leaf(mods: tuple[str, ...], pt_leaf: str) -> tuple[str, bool]:
     """(flax leaf name, whether the tensor is a transposed Linear weight) of a canonical module's PyTorch leaf."""
     if pt_leaf in ("bias", "beta"):
         return "bias", False
-    if "LayerNorm" in mods[-1] or pt_leaf == "gamma":
+    if "LayerNorm" in mods[-1] or mods[-1].endswith("norm") or pt_leaf == "gamma":  # ModernBERT's: *norm
         return "scale", False
     if mods[-1].endswith("embeddings"):
         return "embedding", False
@@ -129,8 +129,9 @@ def _from_pt_names(family: Family, state: dict[str, np.ndarray]) -> dict[Path_, 
 # ---------------------------------------------------------------------------------------------- merge
 def new_allowed(family: Family) -> tuple[Path_, ...]:
     """The head: what a checkpoint may lack (a base model, or another label count): the classifier, and the
-    dense layer where it belongs to the classification head (RoBERTa, ELECTRA, DistilBERT)."""
-    return (HEAD, POOLER) if family.head_is_new else (HEAD,)
+    dense layer where it belongs to the classification head (RoBERTa, ELECTRA, DistilBERT; ModernBERT's head,
+    which its masked-LM checkpoints have and its base model lacks)."""
+    return (HEAD, (family.head_path,)) if family.head_is_new else (HEAD,)
 
 
 def merge(expected: dict[Path_, Any], loaded: dict[Path_, np.ndarray], fresh: dict[Path_, Any],
@@ -186,7 +187,7 @@ def from_pretrained(name_or_path: str, num_labels: int | None = None, *, label_n
         overrides["problem_type"] = problem_type
     if classifier_dropout != "hf":
         overrides["classifier_dropout"] = classifier_dropout
-    model = BertClassifier(classifier_config(folder, impl, **overrides), dtype=dtype, remat=remat, impl=impl)
+    model = make_classifier(classifier_config(folder, impl, **overrides), dtype=dtype, remat=remat, impl=impl)
     params = load_params(model, folder, jax.random.PRNGKey(seed))
     return model, cast_floats(params, param_dtype)
 
@@ -223,8 +224,8 @@ def _init_head(expected: dict[Path_, Any], allowed: tuple[Path_, ...], initializ
     out = {}
     for path in (p for p in expected if any(p[: len(a)] == a for a in allowed)):
         shape = expected[path].shape
-        if path[-1] != "kernel":
-            out[path] = np.zeros(shape, np.float32)
+        if path[-1] != "kernel":  # biases 0, a norm's scale 1
+            out[path] = np.full(shape, 1.0 if path[-1] == "scale" else 0.0, np.float32)
             continue
         # The classifier's kernel draws from `rng` itself (as before families had a second head layer, so a
         # BERT run starts from the same head); the dense layer before it from a key of its own.

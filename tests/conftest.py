@@ -49,3 +49,34 @@ def tiny_model_dir(tmp_path_factory, minilm_dir) -> pathlib.Path:
         if (minilm_dir / name).is_file():
             shutil.copy2(minilm_dir / name, folder / name)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_modernbert_dir(tmp_path_factory, minilm_dir) -> pathlib.Path:
+    """A tiny random ModernBERT (4 layers: 0 and 2 global, 1 and 3 local with a window of 8; width 32; 512
+    positions) saved as its masked-LM checkpoint is (model.* and head.*, no classifier), with MiniLM's real
+    tokenizer: the ModernBERT family through the whole job."""
+    import shutil
+
+    import jax
+    from safetensors.numpy import save_file
+
+    from flaxclf.families import FAMILIES
+    from flaxclf.model import ClassifierConfig, init_params, make_classifier
+    from flaxclf.modernbert import ModernBertSpec
+    from flaxclf.weights import TOKENIZER_FILES, to_pt_state
+
+    folder = tmp_path_factory.mktemp("tiny-modernbert")
+    spec = ModernBertSpec(vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                          num_attention_heads=4, global_attn_every_n_layers=2, local_attention=8,
+                          max_position_embeddings=512, pad_token_id=0)
+    config = ClassifierConfig(backbone=spec, num_labels=2)
+    state = to_pt_state(init_params(make_classifier(config), jax.random.PRNGKey(0)), FAMILIES["modernbert"])
+    state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    hf = {k: v for k, v in config.to_hf().items() if k not in ("num_labels", "id2label", "label2id")}
+    (folder / "config.json").write_text(json.dumps({**hf, "architectures": ["ModernBertForMaskedLM"]}))
+    for name in TOKENIZER_FILES:
+        if (minilm_dir / name).is_file():
+            shutil.copy2(minilm_dir / name, folder / name)
+    return folder

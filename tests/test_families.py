@@ -337,7 +337,7 @@ def test_another_model_type_is_refused_naming_those_that_load(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32}))
     with pytest.raises(WeightsError, match=r"is a 'gpt2' model; flaxclf loads albert, bert, camembert, distilbert, "
-                                           r"electra, roberta, xlm-roberta"):
+                                           r"electra, modernbert, roberta, xlm-roberta"):
         from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "albert", "inner_group_num": 2}))
     with pytest.raises(WeightsError, match="inner_group_num=2 is not supported"):

@@ -53,3 +53,36 @@ def test_calls_after_the_first_fault_no_temporaries():
     later = sorted(kept["faults"][1:])
     assert kept["faults"][0] > 0.9 and later[len(later) // 2] < 0.01 and sum(later) < 5, kept
     assert kept["values"] == default["values"]  # the same computation, bit for bit
+
+
+CAP_PROGRAM = """
+import json, sys, time
+import numpy as np
+from flaxclf import hostmem
+took = hostmem.keep_freed_memory()
+base = hostmem.resident_bytes()
+big = np.ones(400 * 2**20, np.uint8)  # touched: resident
+pin = np.ones(1000, np.uint8)  # a small block after it: the freed big one is a hole, not the heap's top
+del big
+held = hostmem.resident_bytes()
+cap = hostmem.cap_heap(base + 100 * 2**20) if sys.argv[1] == "cap" else None
+time.sleep(1.0)
+print(json.dumps({"took": took, "base": base, "held": held, "after": hostmem.resident_bytes(),
+                  "trims": cap.trims if cap else 0}))
+"""
+
+
+@pytest.mark.parametrize("capped", [False, True])
+def test_the_cap_gives_a_freed_hole_back_and_nothing_else_does(capped):
+    """A kept heap holds a freed 400 MB block for good (the trade keep_freed_memory makes); a HeapCap below that
+    hands it back to the kernel within a second."""
+    p = subprocess.run([sys.executable, "-c", CAP_PROGRAM, "cap" if capped else "none"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    mb = 2**20
+    assert r["took"] and r["held"] - r["base"] > 390 * mb  # freed, yet resident
+    if capped:
+        assert r["trims"] >= 1 and r["after"] - r["base"] < 100 * mb
+    else:
+        assert r["after"] - r["base"] > 390 * mb

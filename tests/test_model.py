@@ -91,13 +91,13 @@ def _tiny_classifier(pooling):
 def test_cls_pooler_classifies_on_position_zero_only():
     model, params = _tiny_classifier("cls_pooler")
     b = {k: jnp.asarray(v) for k, v in batch(TINY["vocab_size"]).items()}
-    hidden = model.apply(params, **b, method=BertClassifier.encode)
-    base = model.apply(params, hidden, b["attention_mask"], method=BertClassifier.head)
+    hidden = model.apply(params, **b, method="encode")
+    base = model.apply(params, hidden, b["attention_mask"], method="classify")
     noise = jax.random.normal(jax.random.PRNGKey(1), hidden.shape)
     off_zero = hidden.at[:, 1:].add(noise[:, 1:])
     at_zero = hidden.at[:, 0].add(noise[:, 0])
-    assert np.array_equal(model.apply(params, off_zero, b["attention_mask"], method=BertClassifier.head), base)
-    moved = model.apply(params, at_zero, b["attention_mask"], method=BertClassifier.head)
+    assert np.array_equal(model.apply(params, off_zero, b["attention_mask"], method="classify"), base)
+    moved = model.apply(params, at_zero, b["attention_mask"], method="classify")
     assert np.abs(np.asarray(moved - base)).min() > 1e-3
 
 
@@ -105,13 +105,13 @@ def test_cls_pooler_classifies_on_position_zero_only():
 def test_masked_poolings_ignore_padding(pooling):
     model, params = _tiny_classifier(pooling)
     b = {k: jnp.asarray(v) for k, v in batch(TINY["vocab_size"]).items()}
-    hidden = model.apply(params, **b, method=BertClassifier.encode)
-    base = model.apply(params, hidden, b["attention_mask"], method=BertClassifier.head)
+    hidden = model.apply(params, **b, method="encode")
+    base = model.apply(params, hidden, b["attention_mask"], method="classify")
     pad = (b["attention_mask"] == 0)[..., None]
     shaken = jnp.where(pad, hidden + 1e3, hidden)
-    np.testing.assert_array_equal(model.apply(params, shaken, b["attention_mask"], method=BertClassifier.head), base)
+    np.testing.assert_array_equal(model.apply(params, shaken, b["attention_mask"], method="classify"), base)
     real = jnp.where(pad, hidden, hidden + 1.0)
-    moved = model.apply(params, real, b["attention_mask"], method=BertClassifier.head)
+    moved = model.apply(params, real, b["attention_mask"], method="classify")
     assert np.abs(np.asarray(moved - base)).max() > 1e-3
 
 

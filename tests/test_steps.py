@@ -204,3 +204,26 @@ def test_each_family_sharded_step_equals_single_device(family):
     np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
     _assert_trees_close(state.params, ref_state.params, atol=1e-5)
     assert _max_diff(jax.device_get(ref_state.params), host) > 1e-3
+
+
+def test_modernbert_sharded_step_equals_single_device():
+    """ModernBERT (2 global and 2 local layers, a window shorter than the rows, every dropout on, biases on) on a
+    (2, 2, 2) mesh: three steps give the single-device losses and parameters."""
+    from flaxclf.model import ClassifierConfig, init_params, make_classifier
+    from flaxclf.modernbert import ModernBertSpec
+
+    spec = ModernBertSpec(vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                          num_attention_heads=4, global_attn_every_n_layers=2, local_attention=8,
+                          max_position_embeddings=64, pad_token_id=0, norm_bias=True, attention_bias=True,
+                          mlp_bias=True, classifier_bias=True, embedding_dropout=0.1, attention_dropout=0.1,
+                          mlp_dropout=0.1)
+    model = make_classifier(ClassifierConfig(backbone=spec, num_labels=NUM_LABELS, problem_type=SINGLE,
+                                             classifier_dropout=0.1))
+    host = jax.device_get(init_params(model, jax.random.PRNGKey(SEED)))
+    ref_losses, ref_state, _ = _train(model, host, _mesh((1, 1, 1)), _batches(3, 16))
+    losses, state, specs = _train(model, host, _mesh((2, 2, 2)), _batches(3, 16))
+    np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
+    _assert_trees_close(state.params, ref_state.params, atol=1e-5)
+    assert _max_diff(jax.device_get(ref_state.params), host) > 1e-3
+    assert specs["params/params/model/layers/1/attn/Wqkv/kernel"][0] == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert specs["params/params/model/layers/1/mlp/Wo/kernel"][0] == jax.sharding.PartitionSpec("tensor", "fsdp")

@@ -34,14 +34,14 @@ _BERT_NORMALIZER = {"do_lower_case": ("lowercase", True), "strip_accents": ("str
 def max_positions(model_dir: Path) -> int | None:
     """The longest max_length the model takes (its max_position_embeddings, less RoBERTa's padding_idx + 1
     unused rows); None without a config.json."""
-    from flaxclf.backbone import BertSpec
+    from flaxclf.backbone import spec_from_hf
 
     path = model_dir / "config.json"
     if not path.is_file():
         return None
     hf = json.loads(path.read_text())
     try:
-        return BertSpec.from_hf(hf).max_length
+        return spec_from_hf(hf).max_length
     except ValueError:  # a model flaxclf does not load: reading its weights says so, in its own words
         return hf.get("max_position_embeddings")
 

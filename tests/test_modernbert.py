@@ -1,0 +1,404 @@
+"""flaxclf.modernbert against transformers' PyTorch ModernBertForSequenceClassification (eager attention: the
+padded path with a global mask and a sliding-window mask), on tiny random models whose sequences are longer than
+the local window."""
+
+import json
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.traverse_util import unflatten_dict
+from safetensors.numpy import save_file
+
+from flaxclf import weights
+from flaxclf.families import FAMILIES
+from flaxclf.model import ClassifierConfig, init_params, make_classifier
+from flaxclf.modernbert import (
+    AttentionImpl,
+    ModernBertClassifier,
+    ModernBertLayer,
+    ModernBertSpec,
+    banded_local_attention,
+    chunked_attention,
+    dense_attention,
+)
+
+torch = pytest.importorskip("torch", reason="the PyTorch reference (torch) is not installed in this environment")
+transformers = pytest.importorskip("transformers")
+
+# 4 layers: 0 and 2 global, 1 and 3 local with a window of 4 on each side; sequences of 32.
+TINY = dict(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+            global_attn_every_n_layers=2, local_attention=8, max_position_embeddings=64, pad_token_id=0)
+NUM_LABELS = 3
+FAMILY = FAMILIES["modernbert"]
+BIASES_ON = dict(norm_bias=True, attention_bias=True, mlp_bias=True, classifier_bias=True, local_rope_theta=500.0,
+                 global_rope_theta=20000.0)
+LENGTHS = (32, 27, 13, 5)  # real tokens per row; 5 is shorter than a local layer's window
+
+
+def _spec(pooling="cls", biases=False, **kw) -> ModernBertSpec:
+    return ModernBertSpec(**{**TINY, **(BIASES_ON if biases else {}), "classifier_pooling": pooling, **kw})
+
+
+def _config(spec: ModernBertSpec) -> ClassifierConfig:
+    return ClassifierConfig(backbone=spec, num_labels=NUM_LABELS)
+
+
+def _model(spec: ModernBertSpec, **kw):
+    return make_classifier(_config(spec), **kw)
+
+
+def _params(state: dict[str, np.ndarray]) -> dict:
+    """A PyTorch state dict -> our param tree, by flaxclf.weights' family renaming."""
+    return unflatten_dict(weights._from_pt_names(FAMILY, state))
+
+
+def _to_state(params: dict) -> dict[str, np.ndarray]:
+    return weights.to_pt_state({"params": params}, FAMILY)
+
+
+def _torch_model(spec: ModernBertSpec, seed: int = 0):
+    """HF's model with every weight redrawn at a trained-looking scale (sharp attention, a head that matters)."""
+    torch.manual_seed(seed)
+    cfg = transformers.ModernBertConfig(**_config(spec).to_hf(), attn_implementation="eager",
+                                        reference_compile=False)
+    model = transformers.ModernBertForSequenceClassification(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p) if name.endswith("weight") else 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.normal_(0, 0.2)
+            elif "tok_embeddings" in name:
+                p.normal_(0, 1.0)
+            else:  # Linear weights [out, in]; the head and classifier at std 0.5
+                p.normal_(0, 0.5 if name.startswith(("head", "classifier")) else 1.0 / p.shape[1] ** 0.5)
+    return model
+
+
+def _state(model) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _batch(spec: ModernBertSpec, lengths=LENGTHS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    n = max(lengths)
+    ids = rng.integers(1, spec.vocab_size, (len(lengths), n))
+    mask = (np.arange(n)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+    return np.where(mask > 0, ids, spec.pad_token_id), mask
+
+
+def _torch_forward(model, ids, mask, labels=None):
+    return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True,
+                 labels=None if labels is None else torch.tensor(labels))
+
+
+@partial(jax.jit, static_argnums=0)
+def _encode_and_logits(model, params, ids, mask):
+    variables = {"params": params}
+    return model.apply(variables, ids, mask, method="hidden_states"), model.apply(variables, ids, mask)
+
+
+def _max_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+# Each pooling once, each with the biases off and on between the two tests (XLA compiles each model once).
+@pytest.mark.parametrize("pooling,biases", [("cls", False), ("mean", True)])
+def test_logits_and_hidden_states_match_torch(pooling, biases):
+    spec = _spec(pooling, biases)
+    model_pt = _torch_model(spec)
+    ids, mask = _batch(spec)
+    with torch.no_grad():
+        out = _torch_forward(model_pt, ids, mask)
+    model = _model(spec)
+    states, logits = _encode_and_logits(model, _params(_state(model_pt)), ids, mask)
+    assert logits.dtype == jnp.float32 and logits.shape == (len(LENGTHS), NUM_LABELS)
+    diff = _max_diff(logits, out.logits.numpy())
+    print(f"\nlogits {pooling} biases={biases}: max abs diff {diff:.3g} (max |logit| {out.logits.abs().max():.3g})")
+    assert diff <= 1e-5
+    # Every layer's output at the real positions (padded positions are nobody's input: see the module doc).
+    real = mask.astype(bool)
+    assert len(states) == len(out.hidden_states) == spec.num_hidden_layers + 1
+    for n, (ours, theirs) in enumerate(zip(states, out.hidden_states, strict=True)):
+        assert _max_diff(np.asarray(ours)[real], theirs.numpy()[real]) <= 1e-5 * max(1.0, theirs.abs().max()), n
+
+
+@pytest.mark.parametrize("pooling,biases", [("cls", True), ("mean", False)])
+def test_loss_and_gradients_match_torch(pooling, biases):
+    spec = _spec(pooling, biases)
+    model_pt = _torch_model(spec, seed=1).train()  # every dropout rate is 0: train mode is deterministic
+    ids, mask = _batch(spec, seed=1)
+    ids[0, 3] = spec.pad_token_id  # a real token that is the pad id: torch's padding_idx gives its row no gradient
+    labels = np.array([0, 2, 1, 2])
+    out = _torch_forward(model_pt, ids, mask, labels)
+    out.loss.backward()
+    grads_pt = {k: p.grad.numpy() for k, p in model_pt.named_parameters()}
+
+    model = _model(spec)
+
+    def loss_fn(params):
+        logits = model.apply({"params": params}, ids, mask, deterministic=False)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1))
+
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(_params(_state(model_pt)))
+    print(f"\nloss {pooling}: {out.loss.item():.8g} (torch) {float(loss):.8g} (flax)")
+    assert abs(float(loss) - out.loss.item()) <= 1e-6 * abs(out.loss.item())
+    grads = _to_state(grads)
+    assert grads.keys() == grads_pt.keys()
+    worst = 0.0
+    for name, g_pt in grads_pt.items():
+        scale = float(np.max(np.abs(g_pt)))
+        diff = _max_diff(grads[name], g_pt)
+        worst = max(worst, diff / (scale + 1e-12))
+        assert diff <= 1e-5 * scale + 1e-9, (name, diff, scale)
+    assert not grads["model.embeddings.tok_embeddings.weight"][spec.pad_token_id].any()
+    print(f"\ngradients {pooling}: loss diff {abs(float(loss) - out.loss.item()):.3g}, "
+          f"worst max|diff| / max|torch| {worst:.3g}")
+
+
+def _folder(tmp_path, spec, state, **config):
+    """A save_pretrained-like folder: config.json and model.safetensors."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "config.json").write_text(json.dumps({**_config(spec).to_hf(), **config}))
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    return tmp_path
+
+
+def test_state_dict_round_trip_and_export_to_torch(tmp_path):
+    spec = _spec("mean", biases=True)
+    model_pt = _torch_model(spec, seed=2)
+    sd = _state(model_pt)
+    back = _to_state(_params(sd))
+    assert back.keys() == sd.keys()
+    assert all(back[k].dtype == sd[k].dtype and np.array_equal(back[k], sd[k]) for k in sd)
+
+    # init_params makes the same tree.
+    model = _model(spec)
+    shapes = jax.eval_shape(partial(init_params, model), jax.random.PRNGKey(0))["params"]
+    params = _params(sd)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), shapes) == jax.tree.map(lambda x: (x.shape, x.dtype), params)
+    # Other flax params -> export_hf -> transformers' own from_pretrained: the same logits.
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: x + np.float32(0.1) * rng.standard_normal(x.shape, np.float32), params)
+    out = weights.export_hf(tmp_path / "export", model.config, {"params": params}, None)
+    fresh = transformers.AutoModelForSequenceClassification.from_pretrained(
+        out, attn_implementation="eager").eval()
+    assert type(fresh).__name__ == "ModernBertForSequenceClassification"
+    assert fresh.config.classifier_pooling == "mean" and fresh.config.num_labels == NUM_LABELS
+    ids, mask = _batch(spec)
+    with torch.no_grad():
+        expected = _torch_forward(fresh, ids, mask).logits.numpy()
+    diff = _max_diff(_encode_and_logits(model, params, ids, mask)[1], expected)  # compiled already
+    print(f"\nexported to torch: logits max abs diff {diff:.3g}")
+    assert diff <= 1e-5
+    # ... and back into flaxclf from the export: the same parameters.
+    again, loaded = weights.from_pretrained(str(out))
+    assert again.config == model.config
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(loaded["params"]), jax.tree.leaves(params),
+                                                     strict=True))
+
+
+def test_loading_is_strict(tmp_path):
+    spec = _spec()
+    model = _model(spec)
+    sd = _state(_torch_model(spec))
+
+    def load(state, name):
+        return weights.load_params(model, _folder(tmp_path / name, spec, state), jax.random.PRNGKey(0))
+
+    # A masked-LM checkpoint: its decoder is not the classifier's, its head is.
+    mlm = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+    params = load({**mlm, "decoder.weight": np.zeros((99, 32)), "decoder.bias": np.zeros(99)}, "mlm")["params"]
+    np.testing.assert_array_equal(params["head"]["dense"]["kernel"], sd["head.dense.weight"].T)
+    assert params["classifier"]["kernel"].shape == (32, NUM_LABELS)
+    # A base ModernBertModel (no prefix, no head): head and classifier new, the head's norm at 1.
+    base = {k.removeprefix("model."): v for k, v in mlm.items() if k.startswith("model.")}
+    params = load(base, "base")["params"]
+    np.testing.assert_array_equal(params["model"]["final_norm"]["scale"], sd["model.final_norm.weight"])
+    assert np.all(params["head"]["norm"]["scale"] == 1.0)
+    with pytest.raises(weights.WeightsError, match=r"unexpected: model/layers/9/mlp_norm/scale"):
+        load({**sd, "model.layers.9.mlp_norm.weight": np.ones(32, np.float32)}, "extra")
+    with pytest.raises(weights.WeightsError, match=r"missing: model/layers/1/attn/Wqkv/kernel"):
+        load({k: v for k, v in sd.items() if k != "model.layers.1.attn.Wqkv.weight"}, "missing")
+    with pytest.raises(weights.WeightsError, match=r"mis-shaped: model/final_norm/scale \(31,\) != \(32,\)"):
+        load({**sd, "model.final_norm.weight": np.ones(31, np.float32)}, "shape")
+
+
+def test_spec_reads_config_json_of_transformers_4_and_5():
+    """transformers' own config, default and tiny, read back to the same spec (4.x writes global_rope_theta and
+    global_attn_every_n_layers, 5.x rope_parameters and layer_types)."""
+    assert ModernBertSpec.from_hf(transformers.ModernBertConfig().to_dict()) == ModernBertSpec()
+    spec = _spec("mean", biases=True, global_attn_every_n_layers=3, num_hidden_layers=5)
+    assert ModernBertSpec.from_hf(transformers.ModernBertConfig(**spec.to_hf()).to_dict()) == spec
+    v5 = {**TINY, "layer_types": ["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+          "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4},
+                              "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}}}
+    got = ModernBertSpec.from_hf(v5)
+    assert (got.global_attn_every_n_layers, got.global_rope_theta, got.local_rope_theta) == (3, 1e4, 50.0)
+    with pytest.raises(ValueError, match="layer_types"):
+        ModernBertSpec.from_hf({**v5, "layer_types": ["full_attention", "sliding_attention", "full_attention",
+                                                      "sliding_attention", "sliding_attention"]})
+    with pytest.raises(ValueError, match="rope_parameters"):
+        ModernBertSpec.from_hf({**v5, "rope_parameters": {"full_attention": {"rope_type": "yarn"}}})
+    with pytest.raises(ValueError, match="classifier_pooling 'max'"):
+        ModernBertSpec.from_hf({"classifier_pooling": "max"})
+
+
+def test_pooling_setting_picks_classifier_pooling():
+    """model.pooling cls or mean is ModernBERT's classifier_pooling (its PyTorch class has both, so an export
+    keeps it); cls_pooler keeps the checkpoint's; max has no ModernBERT head and is refused."""
+    spec = _spec("cls")
+    mean = ClassifierConfig(backbone=spec, num_labels=2, pooling="mean")
+    assert mean.backbone.classifier_pooling == "mean" and mean.pooling == "cls_pooler"
+    assert mean.to_hf()["classifier_pooling"] == "mean"
+    assert ClassifierConfig(backbone=spec, pooling="cls_pooler").backbone.classifier_pooling == "cls"
+    with pytest.raises(ValueError, match="pooling 'max' is not one of ModernBERT's"):
+        ClassifierConfig(backbone=spec, pooling="max")
+
+
+@pytest.mark.parametrize("local_impl", ["banded", "dense"])
+def test_local_layer_ignores_tokens_outside_its_window(local_impl):
+    """Layer 1 (local, window 4 each side) on fixed inputs: moving position 20 changes its output at positions
+    16..24 and leaves every other position bit-identical."""
+    spec = _spec(biases=True)
+    layers = _params(_state(_torch_model(spec)))["model"]["layers"]
+    layer = ModernBertLayer(spec, layer_id=1, attention=AttentionImpl(local=local_impl))
+    apply = jax.jit(lambda x: layer.apply({"params": layers["1"]}, x, jnp.ones((1, 64), bool)))
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 64, spec.hidden_size))
+    before, after = apply(x), apply(x.at[0, 20].add(1.0))
+    changed = np.any(np.asarray(before != after)[0], axis=-1)
+    assert np.array_equal(np.flatnonzero(changed), np.arange(16, 25))
+    # A global layer (2) sees it far away too.
+    glob = ModernBertLayer(spec, layer_id=2)
+    out = [glob.apply({"params": layers["2"]}, y, jnp.ones((1, 64), bool)) for y in (x, x.at[0, 20].add(1.0))]
+    changed = np.any(np.asarray(out[0] != out[1])[0], axis=-1)
+    assert changed[:16].any() and changed[25:].any()
+
+
+@pytest.mark.parametrize("n,local_attention", [(64, 8), (61, 7), (16, 1)])
+def test_banded_attention_equals_dense_masked_reference(n, local_attention):
+    """Banded local attention = a dense [L, L] masked softmax (the mask as HF's: |i - j| <= local_attention // 2
+    and a real key), values and gradients, at the real rows of a batch with padding; L need not be a multiple of
+    the block."""
+    window = local_attention // 2
+    kq, kk, kv, kg = jax.random.split(jax.random.PRNGKey(0), 4)
+    shape = (3, 2, n, 8)
+    q, k, v = (2.0 * jax.random.normal(key, shape) for key in (kq, kk, kv))
+    lengths = np.array([n, n - 11, 7])
+    mask = np.arange(n)[None, :] < lengths[:, None]
+    real = mask[:, None, :, None]  # padded query rows are nobody's input (the module doc)
+    g = jax.random.normal(kg, shape) * real
+
+    @jax.jit
+    def outputs_and_grads(q, k, v):
+        out = []
+        for f in (banded_local_attention, dense_attention):
+            y, vjp = jax.vjp(lambda *t, f=f: f(*t, mask, window), q, k, v)
+            out.append((y, *vjp(g)))
+        return out
+
+    (banded, *grads_banded), (dense, *grads_dense) = outputs_and_grads(q, k, v)
+    # Sums over 3c keys instead of L round differently: a few fp32 ulps of outputs up to ~3.
+    diff = _max_diff(np.where(real, banded, 0.0), np.where(real, dense, 0.0))
+    grad_diff = max(_max_diff(a, b) / max(1.0, float(jnp.abs(b).max()))
+                    for a, b in zip(grads_banded, grads_dense, strict=True))
+    print(f"\nbanded vs dense L={n} window={window}: max abs diff {diff:.3g} (max |out| "
+          f"{np.abs(dense).max():.3g}), gradients {grad_diff:.3g} relative")
+    assert diff <= 1e-6 * max(1.0, np.abs(dense).max()) and grad_diff <= 1e-6
+    # Both against float64 numpy.
+    pos = np.arange(n)
+    allowed = (np.abs(pos[:, None] - pos[None, :]) <= window)[None, None] & mask[:, None, None, :]
+    q64, k64, v64 = (np.asarray(t, np.float64) for t in (q, k, v))
+    s = np.where(allowed, np.einsum("bhqd,bhkd->bhqk", q64, k64) / np.sqrt(q64.shape[-1]), -1e300)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    expected = np.where(real, np.einsum("bhqk,bhkd->bhqd", p / p.sum(-1, keepdims=True), v64), 0.0)
+    diff64 = _max_diff(np.where(real, banded, 0.0), expected)
+    print(f"banded vs float64 numpy: {diff64:.3g}")
+    assert diff64 <= 1e-6 * max(1.0, float(np.abs(expected).max()))
+
+
+@pytest.mark.parametrize("n,chunk", [(40, 16), (48, 16), (7, 4)])
+def test_chunked_global_attention_equals_dense(n, chunk):
+    """A global layer's attention a block of queries at a time = the dense [L, L] softmax, values and gradients,
+    with padding, L not a multiple of the block."""
+    kq, kk, kv, kg = jax.random.split(jax.random.PRNGKey(1), 4)
+    shape = (3, 2, n, 8)
+    q, k, v = (2.0 * jax.random.normal(key, shape) for key in (kq, kk, kv))
+    mask = np.arange(n)[None, :] < np.array([n, n - 5, 3])[:, None]
+    g = jax.random.normal(kg, shape)
+
+    @jax.jit
+    def outputs_and_grads(q, k, v):
+        out = []
+        for f in (partial(chunked_attention, chunk=chunk), dense_attention):
+            y, vjp = jax.vjp(lambda *t, f=f: f(*t, mask), q, k, v)
+            out.append((y, *vjp(g)))
+        return out
+
+    (chunked, *grads_chunked), (dense, *grads_dense) = outputs_and_grads(q, k, v)
+    assert _max_diff(chunked, dense) <= 1e-6 * max(1.0, float(jnp.abs(dense).max()))
+    for a, b in zip(grads_chunked, grads_dense, strict=True):
+        assert _max_diff(a, b) <= 1e-6 * max(1.0, float(jnp.abs(b).max()))
+
+
+def test_long_inputs_hold_no_full_score_matrix():
+    """At L = 2048 (local window 128, a block of 512 queries) the train step's temporaries stay far below one
+    layer's [B, H, L, L] fp32 scores, which the dense path holds per layer; the model's logits are the dense
+    path's."""
+    spec = ModernBertSpec(**{**TINY, "max_position_embeddings": 2048, "local_attention": 128})
+    n, heads = 2048, spec.num_attention_heads
+    ids, mask = _batch(spec, lengths=(n, n - 300))
+    params = init_params(_model(spec), jax.random.PRNGKey(0))
+
+    def temp_bytes(model):
+        def loss(p):
+            return model.apply(p, ids, mask).sum()
+        return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    scores = len(ids) * heads * n * n * 4
+    dense_model = ModernBertClassifier(_config(spec), attention=AttentionImpl(local="dense", global_chunk=0))
+    efficient, dense = temp_bytes(_model(spec)), temp_bytes(dense_model)
+    print(f"\nL={n}: train-step temporaries {efficient / 2**20:.0f} MiB (dense path {dense / 2**20:.0f} MiB; one "
+          f"layer's [B, H, L, L] scores {scores / 2**20:.0f} MiB)")
+    assert efficient < scores / 2 and dense > 2 * scores
+    logits = [jax.jit(m.apply)(params, ids, mask) for m in (_model(spec), dense_model)]
+    assert _max_diff(*logits) <= 1e-5 * max(1.0, float(jnp.abs(logits[1]).max()))
+
+
+def _head_grad(spec, seed=0):
+    """d(sum of logits)/d(final hidden states) of a random model, and the batch's mask."""
+    model = _model(spec)
+    params = _params(_state(_torch_model(spec, seed)))
+    ids, mask = _batch(spec)
+    hidden = jax.random.normal(jax.random.PRNGKey(seed), (*ids.shape, spec.hidden_size))
+
+    def logits_sum(h):
+        return model.apply({"params": params}, h, mask, method=model.classify).sum()
+
+    return np.asarray(jax.grad(logits_sum)(hidden)), mask
+
+
+def test_cls_pooling_reads_position_zero_only():
+    grad, _ = _head_grad(_spec("cls"))
+    assert np.all(np.abs(grad[:, 0]).sum(-1) > 0)
+    assert not grad[:, 1:].any()
+
+
+def test_mean_pooling_reads_every_real_token_and_no_padding():
+    grad, mask = _head_grad(_spec("mean"))
+    touched = np.abs(grad).sum(-1) > 0
+    assert np.array_equal(touched, mask.astype(bool))
+
+
+def test_bf16_with_remat_stays_close_to_fp32():
+    """bf16 matmuls (with gradient checkpointing on) stay close to fp32 and return fp32 logits."""
+    spec = _spec("mean", biases=True)
+    params = _params(_state(_torch_model(spec)))
+    ids, mask = _batch(spec)
+    ref = _encode_and_logits(_model(spec), params, ids, mask)[1]
+    model = _model(spec, dtype=jnp.bfloat16, remat=True)
+    half = jax.jit(lambda p: model.apply({"params": p}, ids, mask))(params)
+    assert half.dtype == jnp.float32 and _max_diff(half, ref) <= 0.05 * float(jnp.abs(ref).max())
