@@ -125,8 +125,8 @@ class TrainConfig:
     compilation_cache: bool = True
     compilation_cache_dir: str | None = None
     # The flaxclf command keeps the memory XLA frees for reuse (flaxclf.hostmem); above this many GB of resident
-    # memory the kept heap's free pages go back to the kernel. null: one step's working set (the memory in use
-    # once the steps are compiled plus 1.25 x the largest step's temporaries); 0: never (the heap only grows).
+    # memory the kept heap's free pages go back to the kernel. null: one step's working set (the memory held once
+    # the steps are compiled plus 1.25 x the largest step's temporaries); 0: never (the heap only grows).
     host_memory_cap_gb: float | None = None
 
 

@@ -65,37 +65,45 @@ def resident_bytes() -> int:
         return 0
 
 
-def in_use_bytes() -> int | None:
-    """Bytes malloc has handed out and not had back (glibc >= 2.33's mallinfo2); None where it can't say."""
+def held_bytes() -> int | None:
+    """Resident memory less the heap's free bytes: what the process holds in use, code and libraries included
+    (glibc >= 2.33's mallinfo2); None where it can't say."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallinfo2.restype = _MallInfo2
-        return int(libc.mallinfo2().uordblks)
+        return max(resident_bytes() - int(libc.mallinfo2().fordblks), 0)
     except (OSError, AttributeError):
         return None
 
 
 class HeapCap:
     """Gives the kept heap's free pages back to the kernel (malloc_trim) whenever the resident memory passes
-    `limit` bytes, checked every `every` seconds on a thread of its own.
+    `limit` bytes, checked every `every` seconds on a thread of its own. When what is in use is itself above the
+    limit (a trim gives back too little), the next trim waits until another `margin` bytes are resident, so
+    that a big step is not trimmed over and over for nothing.
 
     Why: a heap that is never trimmed only grows. XLA:CPU's per-call temporaries differ with each bucket's
     shape, small long-lived blocks land in the holes that big ones leave, and the next big block no longer fits
     in any hole: the main job's heap reached 5.0 GB holding 1.3-2.7 GB (bench/README.md). Trimming above a cap
     that holds one step's working set bounds that, and costs a step its page faults only on the rare trims."""
 
-    def __init__(self, limit: int, every: float = 0.2):
-        self.limit, self.every, self.trims = int(limit), every, 0
+    def __init__(self, limit: int, every: float = 0.2, margin: int = 256 * 2**20):
+        self.limit, self.every, self.margin, self.trims = int(limit), every, margin, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="flaxclf-heap-cap", daemon=True)
         self._thread.start()
 
     def _watch(self) -> None:
         trim = ctypes.CDLL("libc.so.6").malloc_trim
+        floor = 0  # resident bytes after the last trim, while those stay above the limit
         while not self._stop.wait(self.every):
-            if resident_bytes() > self.limit:
+            resident = resident_bytes()
+            if resident <= self.limit:
+                floor = 0
+            elif resident > floor + self.margin:
                 trim(0)
                 self.trims += 1
+                floor = resident_bytes()
 
     def stop(self) -> None:
         self._stop.set()

@@ -441,15 +441,15 @@ def finish(job: Job, log: RunLog, clock: timing.Clock | None = None) -> dict:
 
 def _heap_cap(job: Job) -> hostmem.HeapCap | None:
     """The kept heap's cap (flaxclf.hostmem.HeapCap), where the flaxclf command keeps freed memory: the GB
-    train.host_memory_cap_gb says, or by default what is in use once the steps are compiled plus 1.25 times the
-    largest step's temporaries (one step's working set, with room for the batches and metrics around it)."""
+    train.host_memory_cap_gb says, or by default what the process holds once the steps are compiled plus 1.25
+    times the largest step's temporaries (one step's working set, with room for the batches around it)."""
     gb = job.cfg.train.host_memory_cap_gb
     if gb is not None:
         return hostmem.cap_heap(int(gb * 1e9))
-    in_use, temp = hostmem.in_use_bytes(), max(job.train_step.temp_bytes(), job.eval_step.temp_bytes())
-    if in_use is None or temp == 0:  # nothing to size it by: leave the heap as it is
+    held, temp = hostmem.held_bytes(), max(job.train_step.temp_bytes(), job.eval_step.temp_bytes())
+    if held is None or temp == 0:  # nothing to size it by: leave the heap as it is
         return None
-    return hostmem.cap_heap(in_use + int(1.25 * temp))
+    return hostmem.cap_heap(held + int(1.25 * temp))
 
 
 def run(cfg: RunConfig, show_progress: bool = True, clock: timing.Clock | None = None) -> dict:

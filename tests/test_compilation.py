@@ -65,6 +65,10 @@ def test_the_breakdown_adds_up_to_the_wall_time(cached_runs):
     assert list(rises) == list(timing.PHASES) and min(rises.values()) >= 0
     assert sum(rises.values()) == pytest.approx(t["peak_rss_gb"], abs=0.01)  # the rises add up to the peak
     assert "peak memory " in cached_runs["stdout"]["first"] and "startup +" in cached_runs["stdout"]["first"]
+    # The flaxclf command keeps freed memory, capped at one step's working set by default.
+    cap = _summary(cached_runs["first"])["host_memory"]
+    assert cap["cap_gb"] > 0.2 and cap["trims"] >= 0
+    assert f"given back above {cap['cap_gb']:.2f} GB resident" in cached_runs["stdout"]["first"]
 
 
 def test_the_peak_memory_rise_is_charged_to_the_phase_that_allocated():

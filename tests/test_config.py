@@ -143,6 +143,7 @@ def test_base_cycle_and_missing_files_are_config_errors(tmp_path):
     (["model.classifier_dropout=1.0"], "model.classifier_dropout: 1.0 must be in [0, 1) or null"),
     (["train.max_steps=0"], "train.max_steps: 0 must be positive or null"),
     (["data.max_length=1"], "data.max_length: 1 is too small"),
+    (["train.host_memory_cap_gb=-1"], "train.host_memory_cap_gb: -1.0 must be >= 0"),
 ])
 def test_cross_field_validation(overrides, expected):
     assert expected in _error(*overrides)
