@@ -257,7 +257,7 @@ def test_the_seed_question_each_head_reads_position_zero_alone(case):
         rngs = None if deterministic else {"dropout": jax.random.PRNGKey(2)}
 
         def logits(h, deterministic=deterministic, rngs=rngs):
-            return np.asarray(model.apply(params, h, mask, deterministic=deterministic, method=BertClassifier.head,
+            return np.asarray(model.apply(params, h, mask, deterministic=deterministic, method=BertClassifier.classify,
                                           rngs=rngs))
 
         base = logits(hidden)
