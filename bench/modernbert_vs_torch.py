@@ -2,8 +2,11 @@
 
 Model: a base-sized random ModernBERT (transformers' ModernBertConfig defaults: 22 layers, hidden 768, 12 heads,
 GeGLU 1152, a global layer every 3, local window 128, 8,192 positions), 2 labels. Each length runs a batch of
-`--tokens` tokens (default 8,192: 16 rows of 512, 4 of 2,048, 1 of 8,192), every row real (no padding), so the
-linear layers cost the same at every length and only the attention grows.
+`--tokens` tokens (default 2,048: 4 rows of 512, 1 of 2,048; at least one row, so 1 of 8,192), every row real
+(no padding). Lengths from `--remat-from` (default 8,192) train with gradient checkpointing in both systems
+(flaxclf model.remat, torch's gradient_checkpointing_enable()): without it a base model's step at 8,192 tokens
+wants ~22 GB of activations in flaxclf (XLA: "Out of memory allocating 21661517252 bytes" at 16 x 512), more than
+this machine has; those lengths time `--reps-long` calls.
 
   flaxclf  the job's jitted train step (flaxclf.steps.compile_steps on one device: dropout, forward, backward,
            clipping 1.0, masked AdamW) and eval step; global layers a block of 512 queries at a time (recomputed
@@ -51,7 +54,7 @@ def _batch(rows: int, length: int, vocab: int):
             "labels": rng.integers(0, NUM_LABELS, rows).astype(np.int32), "weight": np.ones(rows, np.float32)}
 
 
-def flaxclf_calls(what: str, rows: int, length: int):
+def flaxclf_calls(what: str, rows: int, length: int, remat: bool):
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -65,7 +68,7 @@ def flaxclf_calls(what: str, rows: int, length: int):
 
     hostmem.keep_freed_memory()  # as the flaxclf command runs
     spec = ModernBertSpec(**_config())
-    model = make_classifier(ClassifierConfig(backbone=spec, num_labels=NUM_LABELS, problem_type=SINGLE))
+    model = make_classifier(ClassifierConfig(backbone=spec, num_labels=NUM_LABELS, problem_type=SINGLE), remat=remat)
     params = jax.device_get(init_params(model, jax.random.PRNGKey(0)))
     mesh = sharding.make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     tx = make_optimizer(OptimConfig(learning_rate=5e-5, weight_decay=0.01, max_grad_norm=1.0), 10_000)
@@ -92,7 +95,7 @@ def flaxclf_calls(what: str, rows: int, length: int):
                   "global_layers": sum(spec.is_global(i) for i in range(spec.num_hidden_layers))}
 
 
-def torch_calls(what: str, rows: int, length: int):
+def torch_calls(what: str, rows: int, length: int, remat: bool):
     import torch
     import transformers
 
@@ -108,6 +111,8 @@ def torch_calls(what: str, rows: int, length: int):
             "transformers": transformers.__version__}
     if what == "train":
         model.train()
+        if remat:
+            model.gradient_checkpointing_enable()
         no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "norm" in n]
         decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "norm" in n)]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
@@ -128,10 +133,10 @@ def torch_calls(what: str, rows: int, length: int):
     return call, info
 
 
-def child(system: str, what: str, length: int, tokens: int, reps: int) -> None:
+def child(system: str, what: str, length: int, tokens: int, reps: int, remat: bool) -> None:
     rows = max(1, tokens // length)
     start = time.perf_counter()
-    call, info = (flaxclf_calls if system == "flaxclf" else torch_calls)(what, rows, length)
+    call, info = (flaxclf_calls if system == "flaxclf" else torch_calls)(what, rows, length, remat)
     call()  # warm-up (flaxclf: compiles)
     first = time.perf_counter() - start
     times = []
@@ -143,12 +148,13 @@ def child(system: str, what: str, length: int, tokens: int, reps: int) -> None:
     median = times[len(times) // 2]
     print(json.dumps({"rows": rows, "median_s": round(median, 3), "examples_per_s": round(rows / median, 3),
                       "tokens_per_s": round(rows * length / median, 1), "setup_and_first_call_s": round(first, 1),
-                      **info}))
+                      "remat": remat, **info}))
 
 
 def run(system: str, what: str, length: int, a: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--only", f"{system},{what},{length}", "--tokens", str(a.tokens),
-           "--reps", str(a.reps), "--mem-gib", str(a.mem_gib)]
+    long = length >= a.remat_from
+    cmd = [sys.executable, __file__, "--only", f"{system},{what},{length},{int(long and what == 'train')}",
+           "--tokens", str(a.tokens), "--reps", str(a.reps_long if long else a.reps), "--mem-gib", str(a.mem_gib)]
     with tempfile.TemporaryFile("w+") as errors:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True, cwd=ROOT)
         out = proc.stdout.read()
@@ -172,15 +178,17 @@ def main() -> None:
     p.add_argument("--lengths", default="512,2048,8192")
     p.add_argument("--what", default="train,infer")
     p.add_argument("--systems", default=",".join(SYSTEMS))
-    p.add_argument("--tokens", type=int, default=8192, help="tokens per batch (rows = tokens // length)")
+    p.add_argument("--tokens", type=int, default=2048, help="tokens per batch (rows = tokens // length, >= 1)")
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--remat-from", type=int, default=8192, help="train lengths from here with gradient checkpointing")
+    p.add_argument("--reps-long", type=int, default=1, help="timed calls at lengths from --remat-from")
     p.add_argument("--mem-gib", type=float, default=20.0, help="address-space cap of each process")
     p.add_argument("--only", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.only:
         resource.setrlimit(resource.RLIMIT_AS, (int(a.mem_gib * 2**30),) * 2)
-        system, what, length = a.only.split(",")
-        child(system, what, int(length), a.tokens, a.reps)
+        system, what, length, remat = a.only.split(",")
+        child(system, what, int(length), a.tokens, a.reps, remat == "1")
         return
     print(json.dumps({"machine": {"cpu_count": os.cpu_count()}, "args": vars(a)}), flush=True)
     for length in (int(x) for x in a.lengths.split(",")):
