@@ -53,10 +53,6 @@ class _MallInfo2(ctypes.Structure):
                                                       "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
-def kept() -> bool:
-    return _kept
-
-
 def resident_bytes() -> int:
     """The process's resident memory now (Linux /proc; 0 elsewhere)."""
     try:

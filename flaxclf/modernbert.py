@@ -140,10 +140,6 @@ class ModernBertSpec:
         return self.max_position_embeddings
 
     @property
-    def hidden_dropout_prob(self) -> float:
-        return self.mlp_dropout
-
-    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
