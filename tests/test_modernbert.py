@@ -3,6 +3,7 @@ padded path with a global mask and a sliding-window mask), on tiny random models
 the local window."""
 
 import json
+from dataclasses import asdict
 from functools import partial
 
 import jax
@@ -106,15 +107,20 @@ def _max_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
-# Each pooling once, each with the biases off and on between the two tests (XLA compiles each model once).
-@pytest.mark.parametrize("pooling,biases", [("cls", False), ("mean", True)])
-def test_logits_and_hidden_states_match_torch(pooling, biases):
-    spec = _spec(pooling, biases)
+# 8 layers, a global one every 3: with remat, layer 0, then a scan over the groups (1, 2, 3) and (4, 5, 6), then 7.
+SCANNED = dict(num_hidden_layers=8, global_attn_every_n_layers=3)
+
+
+# Each pooling once, each with the biases off and on between the two tests (XLA compiles each model once), and
+# the scanned gradient-checkpointing path once in each.
+@pytest.mark.parametrize("pooling,biases,remat", [("cls", False, False), ("mean", True, False), ("mean", False, True)])
+def test_logits_and_hidden_states_match_torch(pooling, biases, remat):
+    spec = _spec(pooling, biases, **(SCANNED if remat else {}))
     model_pt = _torch_model(spec)
     ids, mask = _batch(spec)
     with torch.no_grad():
         out = _torch_forward(model_pt, ids, mask)
-    model = _model(spec)
+    model = _model(spec, remat=remat)
     states, final, logits = _encode_and_logits(model, _params(_state(model_pt)), ids, mask)
     assert logits.dtype == jnp.float32 and logits.shape == (len(LENGTHS), NUM_LABELS)
     diff = _max_diff(logits, out.logits.numpy())
@@ -129,9 +135,9 @@ def test_logits_and_hidden_states_match_torch(pooling, biases):
         assert _max_diff(np.asarray(ours)[real], theirs.numpy()[real]) <= 1e-5 * max(1.0, theirs.abs().max()), n
 
 
-@pytest.mark.parametrize("pooling,biases", [("cls", True), ("mean", False)])
-def test_loss_and_gradients_match_torch(pooling, biases):
-    spec = _spec(pooling, biases)
+@pytest.mark.parametrize("pooling,biases,remat", [("cls", True, False), ("mean", False, False), ("cls", True, True)])
+def test_loss_and_gradients_match_torch(pooling, biases, remat):
+    spec = _spec(pooling, biases, **(SCANNED if remat else {}))
     model_pt = _torch_model(spec, seed=1).train()  # every dropout rate is 0: train mode is deterministic
     ids, mask = _batch(spec, seed=1)
     ids[0, 3] = spec.pad_token_id  # a real token that is the pad id: torch's padding_idx gives its row no gradient
@@ -140,7 +146,7 @@ def test_loss_and_gradients_match_torch(pooling, biases):
     out.loss.backward()
     grads_pt = {k: p.grad.numpy() for k, p in model_pt.named_parameters()}
 
-    model = _model(spec)
+    model = _model(spec, remat=remat)
 
     def loss_fn(params):
         logits = model.apply({"params": params}, ids, mask, deterministic=False)
@@ -370,6 +376,58 @@ def test_attention_memory_grows_linearly_with_length_not_as_its_square():
     ids, mask = _batch(spec, lengths=(2048, 1748))
     logits = [jax.jit(m.apply)(params, ids, mask) for m in (chunked, dense)]
     assert _max_diff(*logits) <= 1e-5 * max(1.0, float(jnp.abs(logits[1]).max()))
+
+
+def test_remat_keeps_one_group_of_layers_not_every_layer():
+    """With remat, the train step's temporaries grow by little more than a residual stream per added group of
+    layers (the forward pass keeps each group's input; the backward pass recomputes one group at a time), where
+    without it each layer adds its activations. 4 -> 13 layers (a global every 3: 1 -> 4 groups) at 2 x 2,048.
+    (At 4 layers both hold the same: the one group's recomputation holds its 3 layers, as no remat does.)"""
+    spec = ModernBertSpec(**{**TINY, "max_position_embeddings": 2048, "local_attention": 128,
+                             "global_attn_every_n_layers": 3})
+    ids, mask = _batch(spec, lengths=(2048, 1748))
+    labels = np.array([0, 2])
+    t = {}
+    for layers in (4, 13):
+        s = ModernBertSpec(**{**asdict(spec), "num_hidden_layers": layers})
+        for remat in (False, True):
+            model = _model(s, remat=remat)
+            params = init_params(model, jax.random.PRNGKey(0))
+
+            def loss(p, model=model):
+                logits = model.apply(p, ids, mask, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+                return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1))
+            compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+            t[layers, remat] = compiled.memory_analysis().temp_size_in_bytes
+    print("\ntrain-step temporaries (MiB): " + ", ".join(f"{k[0]} layers remat={k[1]} {v / 2**20:.1f}"
+                                                      for k, v in t.items()))
+    stream = 2 * 2048 * spec.hidden_size * 4  # one [B, L, D] fp32 residual stream
+    per_layer = (t[13, False] - t[4, False]) / 9
+    per_group = (t[13, True] - t[4, True]) / 3
+    assert per_layer > 10 * stream  # each layer keeps many streams' worth of activations
+    assert per_group < 3 * stream  # a group keeps its input (and its share of the parameters' copies)
+    assert t[13, True] * 2 < t[13, False]
+
+
+def test_remat_scan_draws_dropout_in_every_group():
+    """Dropout inside the checkpointed scan: every scanned layer's output depends on the step's key, and the same
+    key gives the same outputs (a resumed run replays its steps)."""
+    spec = _spec("cls", **SCANNED, mlp_dropout=0.3)
+    model = _model(spec, remat=True)
+    params = init_params(model, jax.random.PRNGKey(0))
+    ids, mask = _batch(spec)
+
+    @jax.jit
+    def states(key):
+        return model.apply(params, ids, mask, method=lambda m, i, a: m.model(i, a, False, every_state=True)[1],
+                           rngs={"dropout": key})
+
+    a, a2, b = states(jax.random.PRNGKey(1)), states(jax.random.PRNGKey(1)), states(jax.random.PRNGKey(2))
+    ref = model.apply(params, ids, mask, method=lambda m, i, a: m.model(i, a, True, every_state=True)[1])
+    for layer in range(1, 8):  # states[layer + 1] is layer `layer`'s output
+        assert np.array_equal(a[layer + 1], a2[layer + 1]), layer
+        assert not np.array_equal(a[layer + 1], b[layer + 1]), layer
+        assert not np.array_equal(a[layer + 1], ref[layer + 1]), layer
 
 
 def _head_grad(spec, seed=0):

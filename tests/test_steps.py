@@ -206,9 +206,11 @@ def test_each_family_sharded_step_equals_single_device(family):
     assert _max_diff(jax.device_get(ref_state.params), host) > 1e-3
 
 
-def test_modernbert_sharded_step_equals_single_device():
+@pytest.mark.parametrize("remat", [False, True])
+def test_modernbert_sharded_step_equals_single_device(remat):
     """ModernBERT (2 global and 2 local layers, a window shorter than the rows, every dropout on, biases on) on a
-    (2, 2, 2) mesh: three steps give the single-device losses and parameters."""
+    (2, 2, 2) mesh: three steps give the single-device losses and parameters; with remat too (layers 1 and 2 as
+    a checkpointed scan over stacked parameters, its dropout keys split from the step's)."""
     from flaxclf.model import ClassifierConfig, init_params, make_classifier
     from flaxclf.modernbert import ModernBertSpec
 
@@ -218,7 +220,7 @@ def test_modernbert_sharded_step_equals_single_device():
                           mlp_bias=True, classifier_bias=True, embedding_dropout=0.1, attention_dropout=0.1,
                           mlp_dropout=0.1)
     model = make_classifier(ClassifierConfig(backbone=spec, num_labels=NUM_LABELS, problem_type=SINGLE,
-                                             classifier_dropout=0.1))
+                                             classifier_dropout=0.1), remat=remat)
     host = jax.device_get(init_params(model, jax.random.PRNGKey(SEED)))
     ref_losses, ref_state, _ = _train(model, host, _mesh((1, 1, 1)), _batches(3, 16))
     losses, state, specs = _train(model, host, _mesh((2, 2, 2)), _batches(3, 16))
