@@ -379,8 +379,8 @@ def test_attention_memory_grows_linearly_with_length_not_as_its_square():
 
 
 def test_remat_keeps_one_group_of_layers_not_every_layer():
-    """With remat, the train step's temporaries grow by little more than a residual stream per added group of
-    layers (the forward pass keeps each group's input; the backward pass recomputes one group at a time), where
+    """With remat, the train step's temporaries grow by a few residual streams per added group of layers (the
+    forward pass keeps each group's input; the backward pass recomputes one group at a time), where
     without it each layer adds its activations. 4 -> 13 layers (a global every 3: 1 -> 4 groups) at 2 x 2,048.
     (At 4 layers both hold the same: the one group's recomputation holds its 3 layers, as no remat does.)"""
     spec = ModernBertSpec(**{**TINY, "max_position_embeddings": 2048, "local_attention": 128,
@@ -405,7 +405,8 @@ def test_remat_keeps_one_group_of_layers_not_every_layer():
     per_layer = (t[13, False] - t[4, False]) / 9
     per_group = (t[13, True] - t[4, True]) / 3
     assert per_layer > 10 * stream  # each layer keeps many streams' worth of activations
-    assert per_group < 3 * stream  # a group keeps its input (and its share of the parameters' copies)
+    # A group keeps its input and its global layer's attention output (and its share of the parameters' copies).
+    assert per_group < 4 * stream
     assert t[13, True] * 2 < t[13, False]
 
 
