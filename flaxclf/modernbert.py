@@ -47,8 +47,10 @@ class AttentionImpl:
 
     local: LocalImpl = "auto"  # local layers: banded when L > 3 * window (auto), or always banded / dense
     global_chunk: int = 512  # global layers: queries per block, chunked when L is longer (0: [L, L] at once)
-_NEG = float(np.finfo(np.float32).min)
-_GLOBAL_OUT = "modernbert_global_attention"  # a chunked global layer's attention output, which remat keeps  # the score of a masked key, as transformers' additive masks use
+
+
+_NEG = float(np.finfo(np.float32).min)  # the score of a masked key, as transformers' additive masks use
+_GLOBAL_OUT = "modernbert_global_attention"  # a chunked global layer's attention output, which remat keeps
 
 
 @dataclass(frozen=True)
