@@ -15,7 +15,8 @@ this machine has; those lengths time `--reps-long` calls.
            AdamW, clip_grad_norm_(1.0); inference under torch.inference_mode()
 
 Every (system, step, length) runs in a process of its own: a warm-up call (flaxclf compiles in it), then `--reps`
-timed calls; the figure is the median. Peak memory is the process's peak RSS (wait4), and beside it the bytes of
+timed calls; the figure is the median (of two: the slower). flaxclf keeps freed memory and caps that heap as the
+`flaxclf` command does. Peak memory is the process's peak RSS (wait4), and beside it the bytes of
 one global layer's [B, H, L, L] fp32 attention scores, which a dense implementation holds per layer (and keeps,
 with the probabilities, for every global layer when it trains). A process that runs out of memory (an address
 space cap of --mem-gib) is reported as such.

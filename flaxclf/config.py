@@ -35,7 +35,7 @@ class ModelConfig:
     # bench/README.md); with impl=hf every op runs in it.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of the parameters
-    remat: bool = False  # gradient checkpointing of each encoder layer
+    remat: bool = False  # gradient checkpointing of each encoder layer (ModernBERT: of each group of layers)
     # The encoder. fast: flaxclf.fast_bert, FlaxBertModule's params, init and dropout masks in a layout XLA runs
     # faster, computing only position 0 in the last layer under [CLS] pooling (bench/README.md). hf:
     # transformers' FlaxBertModule itself. Both match PyTorch's BertForSequenceClassification in fp32.

@@ -112,6 +112,26 @@ def test_inputs_up_to_the_checkpoints_positions_and_not_beyond(tmp_path, tiny_mo
     assert json.loads((chunked / "summary.json").read_text())["steps"] == 2
 
 
+def test_remat_trains_long_inputs_as_the_run_without_it(tmp_path, tiny_modernbert_dir):
+    """model.remat=true (layer 0, then layers 1 and 2 as a checkpointed scan, then layer 3) at the checkpoint's
+    512 positions: the same losses step by step as the run without remat, the same test accuracy, and an export
+    that predicts the same probabilities; the run resumes after a kill -9 as an uninterrupted one."""
+    extra = ("data.max_length=512", "data.buckets=[64,512]", "train.max_steps=6", "train.eval_every=3",
+             "train.log_every=1", "checkpoint.every_steps=2")
+    plain, remat, killed = tmp_path / "plain", tmp_path / "remat", tmp_path / "killed"
+    _ok(flaxclf(*_train_args(tiny_modernbert_dir, plain, *extra)))
+    _ok(flaxclf(*_train_args(tiny_modernbert_dir, remat, *extra, "model.remat=true")))
+    losses = [[r["loss"] for r in _records(d) if r["split"] == "train"] for d in (plain, remat)]
+    assert len(losses[0]) == 6
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (plain, remat)]
+    assert summaries[1]["test"]["accuracy"] == summaries[0]["test"]["accuracy"]
+    np.testing.assert_allclose(_predicted(remat), _predicted(plain), rtol=0, atol=1e-5)
+    kill_9_after(tiny_modernbert_dir, killed, 3, *extra, "model.remat=true")
+    _ok(flaxclf(*_train_args(tiny_modernbert_dir, killed, *extra, "model.remat=true")))
+    _same_weights(remat / "export", killed / "export")
+
+
 def test_settings_modernbert_does_not_have_are_refused(tmp_path, tiny_modernbert_dir):
     _refused(flaxclf(*_train_args(tiny_modernbert_dir, tmp_path / "max", "model.pooling=max")),
              "train", "pooling 'max' is not one of ModernBERT's")
