@@ -92,13 +92,9 @@ def flaxclf_calls(what: str, rows: int, length: int, remat: bool):
 
         def call():
             np.asarray(evaluate(placed, b))
-    # As the flaxclf command does (flaxclf.train._heap_cap): the kept heap is trimmed above one step's working set.
-    cap = hostmem.cap_heap(hostmem.held_bytes() + int(1.25 * temp))
-
-    def capped():
-        call()
-        cap  # noqa: B018 (held for the process's life)
-    return capped, {"xla_temp_gb": round(temp / 1e9, 3), "heads": spec.num_attention_heads,
+    # As the flaxclf command caps it by default; the cap's thread runs until the process ends.
+    hostmem.cap_heap_at_working_set(temp)
+    return call, {"xla_temp_gb": round(temp / 1e9, 3), "heads": spec.num_attention_heads,
                   "global_layers": sum(spec.is_global(i) for i in range(spec.num_hidden_layers))}
 
 

@@ -110,3 +110,13 @@ def cap_heap(limit: int) -> HeapCap | None:
     """A HeapCap at `limit` bytes where keep_freed_memory() took effect (elsewhere malloc returns big blocks by
     itself), and limit > 0."""
     return HeapCap(limit) if _kept and limit > 0 else None
+
+
+def cap_heap_at_working_set(step_temp_bytes: int) -> HeapCap | None:
+    """cap_heap at one step's working set: what the process holds now (its state, its compiled steps) plus 1.25
+    times the step's XLA temporaries, with room for the batches around it. None where there is nothing to size it
+    by (no mallinfo2, or no temporaries known)."""
+    held = held_bytes()
+    if held is None or step_temp_bytes <= 0:
+        return None
+    return cap_heap(held + int(1.25 * step_temp_bytes))

@@ -168,8 +168,6 @@ def _layer_types(layers: int, every: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- attention math
-
-
 def rotary(x_BxHxLxDh: jax.Array, theta: float) -> jax.Array:
     """HF's rotate-half rotary embedding at positions 0..L-1 (ModernBERT's eager/sdpa path: positions count
     padding too), computed in fp32 as transformers does."""

@@ -446,10 +446,7 @@ def _heap_cap(job: Job) -> hostmem.HeapCap | None:
     gb = job.cfg.train.host_memory_cap_gb
     if gb is not None:
         return hostmem.cap_heap(int(gb * 1e9))
-    held, temp = hostmem.held_bytes(), max(job.train_step.temp_bytes(), job.eval_step.temp_bytes())
-    if held is None or temp == 0:  # nothing to size it by: leave the heap as it is
-        return None
-    return hostmem.cap_heap(held + int(1.25 * temp))
+    return hostmem.cap_heap_at_working_set(max(job.train_step.temp_bytes(), job.eval_step.temp_bytes()))
 
 
 def run(cfg: RunConfig, show_progress: bool = True, clock: timing.Clock | None = None) -> dict:
