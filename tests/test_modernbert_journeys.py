@@ -115,7 +115,8 @@ def test_inputs_up_to_the_checkpoints_positions_and_not_beyond(tmp_path, tiny_mo
 def test_remat_trains_long_inputs_as_the_run_without_it(tmp_path, tiny_modernbert_dir):
     """model.remat=true (layer 0, then layers 1 and 2 as a checkpointed scan, then layer 3) at the checkpoint's
     512 positions: the same losses step by step as the run without remat, the same test accuracy, and an export
-    that predicts the same probabilities; the run resumes after a kill -9 as an uninterrupted one."""
+    that predicts the same probabilities; the run resumes after a kill -9 as an uninterrupted one, and a run
+    killed without remat resumes with it."""
     extra = ("data.max_length=512", "data.buckets=[64,512]", "train.max_steps=6", "train.eval_every=3",
              "train.log_every=1", "checkpoint.every_steps=2")
     plain, remat, killed = tmp_path / "plain", tmp_path / "remat", tmp_path / "killed"
@@ -127,9 +128,18 @@ def test_remat_trains_long_inputs_as_the_run_without_it(tmp_path, tiny_modernber
     summaries = [json.loads((d / "summary.json").read_text()) for d in (plain, remat)]
     assert summaries[1]["test"]["accuracy"] == summaries[0]["test"]["accuracy"]
     np.testing.assert_allclose(_predicted(remat), _predicted(plain), rtol=0, atol=1e-5)
-    kill_9_after(tiny_modernbert_dir, killed, 3, *extra, "model.remat=true")
-    _ok(flaxclf(*_train_args(tiny_modernbert_dir, killed, *extra, "model.remat=true")))
+    # Killed after step 5: step 4's save may be cut short, step 2's is complete (orbax waits for the previous save
+    # before it starts the next), so the command resumes rather than starting over.
+    kill_9_after(tiny_modernbert_dir, killed, 5, *extra, "model.remat=true")
+    again = _ok(flaxclf(*_train_args(tiny_modernbert_dir, killed, *extra, "model.remat=true")))
+    assert "resumed from" in again.stdout
     _same_weights(remat / "export", killed / "export")
+    # remat changes how a step computes, not what it holds: a run killed without it resumes with it
+    toggled = tmp_path / "toggled"
+    kill_9_after(tiny_modernbert_dir, toggled, 5, *extra)
+    resumed = _ok(flaxclf(*_train_args(tiny_modernbert_dir, toggled, *extra, "model.remat=true")))
+    assert "resumed from" in resumed.stdout
+    np.testing.assert_allclose(_predicted(toggled), _predicted(plain), rtol=0, atol=1e-5)
 
 
 def test_settings_modernbert_does_not_have_are_refused(tmp_path, tiny_modernbert_dir):
