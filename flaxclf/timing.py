@@ -19,17 +19,17 @@ PHASES = ("startup", "data", "model", "compile", "train", "evaluate", "checkpoin
 
 # JAX's events for the three stages of a compile: tracing to a jaxpr, lowering to MLIR, and XLA's compile (or
 # the persistent cache's read, which replaces it).
-_COMPILE_EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
-                   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
-                   "/jax/core/compile/backend_compile_duration": "backend_s"}
+_TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
 _BACKEND_EVENT = "/jax/core/compile/backend_compile_duration"
+_COMPILE_EVENTS = {_TRACE_EVENT: "trace_s", "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+                   _BACKEND_EVENT: "backend_s"}
 _CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 # flaxclf.compilation.StepCache's load of a whole step executable (no tracing, lowering or compiling).
 STEP_LOAD_EVENT = "/flaxclf/step_cache/load_duration"
 
 _lock = threading.Lock()
-_compile = {"seconds": 0.0, "compiles": 0, "cache_hits": 0, "trace_s": 0.0, "lower_s": 0.0, "backend_s": 0.0,
-            "load_s": 0.0}
+_compile = {"seconds": 0.0, "compiles": 0, "cache_hits": 0, "traces": 0, "trace_s": 0.0, "lower_s": 0.0,
+            "backend_s": 0.0, "load_s": 0.0}
 _listening = False
 
 
@@ -39,6 +39,7 @@ def _on_duration(event: str, seconds: float, **_) -> None:
             _compile["seconds"] += seconds
             _compile[_COMPILE_EVENTS[event]] += seconds
             _compile["compiles"] += event == _BACKEND_EVENT
+            _compile["traces"] += event == _TRACE_EVENT
     elif event == STEP_LOAD_EVENT:
         with _lock:
             _compile["seconds"] += seconds
@@ -67,7 +68,8 @@ def listen() -> None:
 
 
 def compile_totals() -> dict:
-    """Seconds JAX has spent compiling in this process (summed over threads), backend compiles, cache reads."""
+    """Seconds JAX has spent compiling in this process (summed over threads), backend compiles, traces, cache
+    reads."""
     with _lock:
         return dict(_compile)
 
