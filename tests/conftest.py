@@ -1,15 +1,25 @@
-"""Shared test set-up. The environment lines run before anything imports jax: 8 fake CPU devices for sharding."""
+"""Shared test set-up. The environment lines run before anything imports jax.
+
+Tiers, markers and time budgets are in tests/README.md; the float32 parity bound is derived in tests/helpers.py.
+"""
 
 import os
 
-# LLVM's optimization level 0 for the steps compiled in this process: most of an in-process test's time is XLA
-# compiling, and its tiny shapes run in next to no time unoptimized (the default suite: 1,567 s against 1,742 s).
-# The numbers are XLA's HLO semantics either way; the commands the journeys start drop XLA_FLAGS and compile as
-# a user's run does.
+# 8 fake CPU devices for sharding, and LLVM's optimization level 0 for the steps compiled in this process: most of
+# an in-process test's time is XLA compiling, and its tiny shapes run in next to no time unoptimized. The numbers
+# are XLA's HLO semantics either way. The commands the tests start get one device at the same level
+# (helpers.CHILD_XLA_FLAGS).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-import json  # noqa: E402
 import pathlib  # noqa: E402
+
+# The tests' own cache, kept across runs on a machine: the packaged assets (the Rotten Tomatoes snippets, the
+# downloaded wheels of test_assets) are fetched into it once per machine, and the compilation caches of the
+# commands the tests start (flaxclf's cache, $FLAXCLF_CACHE) and of this process live there, apart from a user's
+# own ~/.cache/flaxclf. An empty folder here is a cold run.
+TEST_CACHE = pathlib.Path(os.environ.get("FLAXCLF_TEST_CACHE") or pathlib.Path.home() / ".cache" / "flaxclf-tests")
+os.environ["FLAXCLF_CACHE"] = str(TEST_CACHE / "flaxclf")
+import json  # noqa: E402
 
 # A deprecation warning raised from flaxclf's own code is an error (pyproject's filterwarnings does it in this
 # process); in the commands the tests start as well: -W names a module exactly, so each of flaxclf's is listed.
@@ -19,6 +29,26 @@ os.environ["PYTHONWARNINGS"] = ",".join(
         ".__init__") for p in sorted(_PACKAGE.rglob("*.py")))
 
 import pytest  # noqa: E402
+
+from tests.helpers import TINY_RUN_ARGS, child_env, command, shared, train_args  # noqa: E402
+
+# Fixtures that start a child process that trains: a test that uses one is in the journey tier (tests/README.md).
+JOURNEY_FIXTURES = {"tiny_run"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if JOURNEY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.journey)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compilation_cache():
+    """This process's steps go through JAX's persistent compilation cache, kept in TEST_CACHE: a second run of the
+    suite reads them instead of compiling (flaxclf's own switch, so every executable is cached)."""
+    from flaxclf import compilation
+
+    compilation.enable_cache(TEST_CACHE / "xla-in-process")
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +62,10 @@ def minilm_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, minilm_dir) -> pathlib.Path:
     """A tiny random BERT (2 layers, width 32) with MiniLM's real tokenizer: fast tests of the whole job."""
+    return shared(tmp_path_factory, "tiny-bert", lambda folder: _build_tiny_bert(folder, minilm_dir))
+
+
+def _build_tiny_bert(folder: pathlib.Path, minilm_dir: pathlib.Path) -> None:
     import shutil
 
     import jax
@@ -41,7 +75,6 @@ def tiny_model_dir(tmp_path_factory, minilm_dir) -> pathlib.Path:
     from flaxclf.model import BertClassifier, ClassifierConfig, init_params
     from flaxclf.weights import TOKENIZER_FILES, to_pt_state
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
     spec = BertSpec(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                     max_position_embeddings=128)
     model = BertClassifier(ClassifierConfig(backbone=spec, num_labels=2))
@@ -52,7 +85,6 @@ def tiny_model_dir(tmp_path_factory, minilm_dir) -> pathlib.Path:
     for name in TOKENIZER_FILES:
         if (minilm_dir / name).is_file():
             shutil.copy2(minilm_dir / name, folder / name)
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +92,10 @@ def tiny_modernbert_dir(tmp_path_factory, minilm_dir) -> pathlib.Path:
     """A tiny random ModernBERT (4 layers: 0 and 2 global, 1 and 3 local with a window of 8; width 32; 512
     positions) saved as its masked-LM checkpoint is (model.* and head.*, no classifier), with MiniLM's real
     tokenizer: the ModernBERT family through the whole job."""
+    return shared(tmp_path_factory, "tiny-modernbert", lambda folder: _build_tiny_modernbert(folder, minilm_dir))
+
+
+def _build_tiny_modernbert(folder: pathlib.Path, minilm_dir: pathlib.Path) -> None:
     import shutil
 
     import jax
@@ -70,7 +106,6 @@ def tiny_modernbert_dir(tmp_path_factory, minilm_dir) -> pathlib.Path:
     from flaxclf.modernbert import ModernBertSpec
     from flaxclf.weights import TOKENIZER_FILES, to_pt_state
 
-    folder = tmp_path_factory.mktemp("tiny-modernbert")
     spec = ModernBertSpec(vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
                           num_attention_heads=4, global_attn_every_n_layers=2, local_attention=8,
                           max_position_embeddings=512, pad_token_id=0)
@@ -83,4 +118,21 @@ def tiny_modernbert_dir(tmp_path_factory, minilm_dir) -> pathlib.Path:
     for name in TOKENIZER_FILES:
         if (minilm_dir / name).is_file():
             shutil.copy2(minilm_dir / name, folder / name)
-    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir) -> pathlib.Path:
+    """The session's one tiny finished run (helpers.TINY_RUN_ARGS), trained once by whichever worker asks first:
+    the CLI tests, the bad-input cases and the journeys that read a finished run all read this one. Its best
+    validation step comes before its last. Returns the run directory; `train.out` beside it holds the command's
+    exit code, stdout and stderr."""
+    import subprocess
+
+    def build(folder: pathlib.Path) -> None:
+        run_dir = folder / "run"
+        p = subprocess.run(command(*train_args(tiny_model_dir, run_dir, *TINY_RUN_ARGS)), capture_output=True,
+                           text=True, env=child_env(), timeout=600)
+        (folder / "train.out").write_text(json.dumps({"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}))
+        assert p.returncode == 0, p.stderr[-3000:]
+
+    return shared(tmp_path_factory, "tiny-run", build) / "run"

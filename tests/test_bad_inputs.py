@@ -21,37 +21,24 @@ run directories: evaluate / predict / export on a folder that is not a run direc
     model.pooling or data.max_length
 
 Every case runs in its own copy of one world (the input files, the user's folders, the model folders with a part
-missing, and, where it names {run}, one shared tiny finished run), so that what a case changed is its own; the
-cases run two at a time, since each subprocess spends seconds importing jax.
+missing, and, where it names {run}, a copy of the session's tiny run, conftest.tiny_run), so that what a case
+changed is its own; the cases run two at a time, since each subprocess spends seconds importing jax.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import TINY_RUN_ARGS, flaxclf
+
 COMMANDS = ("train", "evaluate", "predict", "export", "inspect")
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device: the 8 fake devices of conftest only slow a subprocess down
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
-def flaxclf(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flaxclf.cli", *args], input=stdin, capture_output=True, text=True,
-                          cwd=ROOT, env=_env(), timeout=300)
 
 
 def tree_state(root: Path) -> dict[str, str]:
@@ -68,9 +55,10 @@ def _changes(before: dict[str, str], after: dict[str, str]) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- the world
 
-TRAIN_ARGS = ("--config", "configs/tiny.yaml", "model.name={model}", "train.output_dir={run}", "train.max_steps=6",
-              "train.eval_every=3", "checkpoint.every_steps=3", "data.max_length=32", "data.buckets=[16,32]",
-              "--no-progress")
+# The arguments of the session's shared tiny run (conftest.tiny_run), so that a rerun into it differs only in what
+# a case changes.
+TRAIN_ARGS = ("--config", "configs/tiny.yaml", "model.name={model}", "train.output_dir={run}", "data.max_length=32",
+              "data.buckets=[16,32]", "--no-progress", *TINY_RUN_ARGS)
 
 DATA_FILES: dict[str, bytes] = {
     "good.csv": b'text,label\n"a warm, witty film",pos\ndull and far too long,neg\nquietly moving,pos\n',
@@ -121,12 +109,6 @@ def _subs(world: Path, model: Path) -> dict[str, str]:
             "not_run": str(world / "not-a-run"), "user_dir": str(world / "user-export"),
             "a_file": str(world / "notes.txt"), "no_config": str(world / "model-no-config"),
             "no_tokenizer": str(world / "model-no-tokenizer")}
-
-
-def _train(run_dir: Path, model: Path) -> None:
-    """The shared tiny finished run."""
-    p = flaxclf("train", *(a.format(model=model, run=run_dir) for a in TRAIN_ARGS))
-    assert p.returncode == 0, p.stderr
 
 
 # ---------------------------------------------------------------------------------------------- the cases
@@ -262,18 +244,13 @@ def _run_case(case: Case, static: Path, run_dir: Path, scratch: Path, model: Pat
 
 
 @pytest.fixture(scope="session")
-def outcomes(tmp_path_factory, tiny_model_dir) -> dict[str, Outcome]:
-    """Every case, run once. Cases without {run} start while the shared run trains."""
+def outcomes(tmp_path_factory, tiny_model_dir, tiny_run) -> dict[str, Outcome]:
+    """Every case, run once, two at a time; a case that names {run} gets a copy of the session's tiny run."""
     root = tmp_path_factory.mktemp("bad-inputs")
-    static, run_dir, scratch = root / "world", root / "run", root / "cases"
+    static, scratch = root / "world", root / "cases"
     _build_static(static, tiny_model_dir)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        trained = pool.submit(_train, run_dir, tiny_model_dir)
-        futures = {c.id: pool.submit(_run_case, c, static, run_dir, scratch, tiny_model_dir)
-                   for c in CASES if not c.needs_run}
-        trained.result()
-        futures.update({c.id: pool.submit(_run_case, c, static, run_dir, scratch, tiny_model_dir)
-                        for c in CASES if c.needs_run})
+        futures = {c.id: pool.submit(_run_case, c, static, tiny_run, scratch, tiny_model_dir) for c in CASES}
         return {k: f.result() for k, f in futures.items()}
 
 

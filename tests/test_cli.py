@@ -4,39 +4,30 @@ export and inspect on it, bad arguments, and the pictures a run leaves."""
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import flaxclf, refused, summary
+
 LABELS = ["very negative", "negative", "positive", "very positive"]  # rt-snippets-4way
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device: the tests' 8 fake devices only slow a subprocess down
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
+def _trained(run_dir: Path) -> tuple[str, str]:
+    """The stdout and stderr of the shared tiny run's `flaxclf train`."""
+    out = json.loads((run_dir.parent / "train.out").read_text())
+    return out["stdout"], out["stderr"]
 
 
-def flaxclf(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flaxclf.cli", *args], input=stdin, capture_output=True, text=True,
-                          cwd=ROOT, env=_env(), timeout=timeout)
+def _best(run_dir: Path) -> str:
+    return str(summary(run_dir)["best"]["step"])
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, tiny_model_dir):
-    """One short training run shared by the whole session: (run_dir, the finished process)."""
-    run_dir = tmp_path_factory.mktemp("cli") / "run"
-    p = flaxclf("train", "--config", "configs/tiny.yaml", f"model.name={tiny_model_dir}",
-                f"train.output_dir={run_dir}", "train.max_steps=6", "train.eval_every=3", "checkpoint.every_steps=3",
-                "data.max_length=32", "data.buckets=[16,32]", "--no-progress")
-    assert p.returncode == 0, p.stderr
-    return run_dir, p
+def _gone(run_dir: Path) -> str:
+    """A step the run went through whose checkpoint the keep policy deleted."""
+    kept = {int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()}
+    return str(min(set(range(1, summary(run_dir)["steps"] + 1)) - kept))
 
 
 @pytest.fixture(scope="session")
@@ -52,30 +43,23 @@ def labelled_csv(tmp_path_factory) -> Path:
     return path
 
 
-def _one_error_line(p: subprocess.CompletedProcess, command: str) -> str:
-    assert p.returncode == 2, (p.stdout, p.stderr)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1, p.stderr
-    assert lines[0].startswith(f"flaxclf {command}: error: "), lines[0]
-    return lines[0]
-
-
 # ---------------------------------------------------------------------------------------------- train
 
 
 def test_train_is_quiet_and_says_where_things_are(tiny_run):
-    run_dir, p = tiny_run
-    noise = [line for line in p.stderr.splitlines()
+    run_dir = tiny_run
+    stdout, stderr = _trained(run_dir)
+    noise = [line for line in stderr.splitlines()
              if any(w in line for w in ("Warning", "warn(", "absl", "orbax", "deprecat", "Traceback"))]
-    assert not noise, p.stderr
-    assert "best validation accuracy" in p.stdout
-    assert f"run directory {run_dir}/" in p.stdout and "plots/" in p.stdout
+    assert not noise, stderr
+    assert "best validation accuracy" in stdout
+    assert f"run directory {run_dir}/" in stdout and "plots/" in stdout
     for name in ("config.yaml", "labels.json", "metrics.jsonl", "summary.json", "tb", "checkpoints", "export"):
         assert (run_dir / name).exists(), name
 
 
 def test_train_draws_valid_pngs(tiny_run):
-    run_dir, _ = tiny_run
+    run_dir = tiny_run
     for name in ("training.png", "eval.png", "confusion_matrix.png"):
         path = run_dir / "plots" / name
         with Image.open(path) as im:
@@ -99,15 +83,15 @@ def test_write_plots_from_records_alone(tmp_path):
 
 
 def test_export_then_evaluate_checkpoint_and_folder_agree(tiny_run, labelled_csv, tmp_path):
-    run_dir, _ = tiny_run
+    run_dir = tiny_run
     out = tmp_path / "hf"
-    p = flaxclf("export", str(run_dir), str(out), "--step", "3")
+    p = flaxclf("export", str(run_dir), str(out), "--step", _best(run_dir))
     assert p.returncode == 0, p.stderr
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in out.iterdir()}
     assert json.loads((out / "config.json").read_text())["id2label"] == {str(i): n for i, n in enumerate(LABELS)}
 
     data_args = ["--data", str(labelled_csv), "--text-column", "review", "--label-column", "sentiment"]
-    p = flaxclf("evaluate", str(run_dir), "--step", "3", *data_args, "--json", str(tmp_path / "ckpt.json"))
+    p = flaxclf("evaluate", str(run_dir), "--step", _best(run_dir), *data_args, "--json", str(tmp_path / "ckpt.json"))
     assert p.returncode == 0, p.stderr
     assert "accuracy" in p.stdout and "confusion matrix" in p.stdout
     p = flaxclf("evaluate", str(out), *data_args, "--json", "-")
@@ -124,7 +108,7 @@ def test_export_then_evaluate_checkpoint_and_folder_agree(tiny_run, labelled_csv
 
 
 def test_predict_stdin_lines_to_csv(tiny_run):
-    run_dir, _ = tiny_run
+    run_dir = tiny_run
     p = flaxclf("predict", str(run_dir), stdin="a great film\n\nawful, just awful\n")
     assert p.returncode == 0, p.stderr
     rows = list(csv.DictReader(io.StringIO(p.stdout)))
@@ -136,7 +120,7 @@ def test_predict_stdin_lines_to_csv(tiny_run):
 
 
 def test_predict_csv_column_to_jsonl_with_progress(tiny_run, tmp_path):
-    run_dir, _ = tiny_run
+    run_dir = tiny_run
     texts = [f"film number {i} " + "good " * (i % 40) for i in range(300)]  # several length buckets
     src = tmp_path / "in.csv"
     with src.open("w", newline="") as f:
@@ -156,7 +140,7 @@ def test_predict_csv_column_to_jsonl_with_progress(tiny_run, tmp_path):
 
 
 def test_inspect_run_dir_json(tiny_run):
-    run_dir, _ = tiny_run
+    run_dir = tiny_run
     p = flaxclf("inspect", str(run_dir), "--text", "not bad at all", "--json", "-")
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
@@ -177,25 +161,24 @@ def test_inspect_mean_text_table(tiny_model_dir):
 
 
 def test_bad_arguments_one_line_exit_2(tiny_run):
-    run_dir, _ = tiny_run
-    line = _one_error_line(flaxclf("predict", str(run_dir), "--format", "xml"), "predict")  # argparse's own
-    assert "--format" in line and "xml" in line
-    line = _one_error_line(flaxclf("evaluate", str(run_dir / "nowhere")), "evaluate")  # a flaxclf error
-    assert "nowhere" in line
+    run_dir = tiny_run
+    refused(flaxclf("predict", str(run_dir), "--format", "xml"), "predict", "--format", "xml")  # argparse's own
+    refused(flaxclf("evaluate", str(run_dir / "nowhere")), "evaluate", "nowhere")  # a flaxclf error
 
 
 @pytest.mark.parametrize("argv, expected", [
     (["train", "model.pooling=avg"], "model.pooling"),
-    (["export", "{run}", "{run}/x", "--step", "5"], "no checkpoint 5"),
+    (["export", "{run}", "{run}/x", "--step", "{gone}"], "no checkpoint {gone}"),
     (["inspect", "{run}", "--pooling", "mean"], "drop --pooling"),
     (["predict", "{run}", "{run}/missing.txt"], "does not exist"),
 ])
 def test_known_errors_in_process(tiny_run, capsys, argv, expected):
     from flaxclf.cli import main
 
-    run_dir, _ = tiny_run
-    assert main([a.format(run=run_dir) for a in argv]) == 2
+    run_dir = tiny_run
+    assert main([a.format(run=run_dir, gone=_gone(run_dir)) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
+    expected = expected.format(gone=_gone(run_dir))
     assert err[-1].startswith(f"flaxclf {argv[0]}: error: ") and expected in err[-1], err
 
 

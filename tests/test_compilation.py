@@ -12,9 +12,9 @@ import pytest
 
 from flaxclf import compilation, data, timing, train
 from flaxclf.config import load_config
-from tests.test_journeys import ROOT, _ok, _same_weights, _train_args, flaxclf
+from tests.helpers import ROOT, flaxclf, ok, same_weights, train_args
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.journey
 
 
 def _summary(run_dir: Path) -> dict:
@@ -36,18 +36,18 @@ def cached_runs(tmp_path_factory, tiny_model_dir) -> dict:
     out = {"cache": cache, "stdout": {}}
     for name in ("first", "second"):
         out[name] = root / name
-        out["stdout"][name] = _ok(flaxclf(*_train_args(tiny_model_dir, out[name], *args))).stdout
+        out["stdout"][name] = ok(flaxclf(*train_args(tiny_model_dir, out[name], *args))).stdout
     (steps,) = cache.glob("*/steps")
     out["steps_saved"] = sorted(steps.iterdir())
     shutil.rmtree(steps)
     out["third"] = root / "third"
-    out["stdout"]["third"] = _ok(flaxclf(*_train_args(tiny_model_dir, out["third"], *args))).stdout
+    out["stdout"]["third"] = ok(flaxclf(*train_args(tiny_model_dir, out["third"], *args))).stdout
     out["steps_after_third"] = sorted(steps.iterdir()) if steps.exists() else []
     out["files"] = _cache_files(cache)
     for f in out["files"]:  # a disk that filled up mid-write, or a kill: every entry truncated
         f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
     out["fourth"] = root / "fourth"
-    out["stdout"]["fourth"] = _ok(flaxclf(*_train_args(tiny_model_dir, out["fourth"], *args))).stdout
+    out["stdout"]["fourth"] = ok(flaxclf(*train_args(tiny_model_dir, out["fourth"], *args))).stdout
     out["steps_after_fourth"] = sorted(steps.iterdir())
     return out
 
@@ -101,7 +101,7 @@ def test_a_second_run_reads_every_executable_from_the_cache_and_trains_the_same(
     assert second["load_s"] > 0 and len(cached_runs["steps_saved"]) >= 2
     assert second["traces"] == first["traces"] - len(cached_runs["steps_saved"])
     assert "read from the compilation cache" in cached_runs["stdout"]["second"]
-    _same_weights(cached_runs["first"] / "export", cached_runs["second"] / "export")
+    same_weights(cached_runs["first"] / "export", cached_runs["second"] / "export")
     assert _summary(cached_runs["first"])["test"] == _summary(cached_runs["second"])["test"]
     # one folder per jax version and machine, holding the executables
     (machine,) = [p.name for p in cached_runs["cache"].iterdir()]
@@ -114,13 +114,13 @@ def test_executables_read_from_jax_cache_are_not_saved_as_steps_and_change_nothi
     third = _summary(cached_runs["third"])["time"]["compilation"]
     assert third["cache_hits"] == third["compiles"] and third["load_s"] == 0
     assert cached_runs["steps_after_third"] == []
-    _same_weights(cached_runs["first"] / "export", cached_runs["third"] / "export")
+    same_weights(cached_runs["first"] / "export", cached_runs["third"] / "export")
 
 
 def test_truncated_cache_entries_are_compiled_again_and_change_nothing(cached_runs):
     fourth = _summary(cached_runs["fourth"])["time"]["compilation"]
     assert fourth["cache_hits"] == 0 and fourth["compiles"] > 0
-    _same_weights(cached_runs["first"] / "export", cached_runs["fourth"] / "export")
+    same_weights(cached_runs["first"] / "export", cached_runs["fourth"] / "export")
     assert _summary(cached_runs["first"])["test"] == _summary(cached_runs["fourth"])["test"]
     assert len(cached_runs["steps_after_fourth"]) >= 2  # the fresh compiles were saved again, whole
 
@@ -128,7 +128,7 @@ def test_truncated_cache_entries_are_compiled_again_and_change_nothing(cached_ru
 def test_an_unwritable_cache_folder_turns_the_cache_off_and_the_run_goes_on(tmp_path, tiny_model_dir):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    p = _ok(flaxclf(*_train_args(tiny_model_dir, tmp_path / "run", "train.max_steps=2",
+    p = ok(flaxclf(*train_args(tiny_model_dir, tmp_path / "run", "train.max_steps=2",
                                  f"train.compilation_cache_dir={blocker / 'xla'}")))
     assert "compilation cache off: can't create" in p.stderr and "train.compilation_cache_dir" in p.stderr
     assert _summary(tmp_path / "run")["time"]["compilation"]["cache_hits"] == 0
@@ -136,7 +136,7 @@ def test_an_unwritable_cache_folder_turns_the_cache_off_and_the_run_goes_on(tmp_
 
 def test_cache_off_writes_no_cache(tmp_path, tiny_model_dir):
     cache = tmp_path / "xla"
-    _ok(flaxclf(*_train_args(tiny_model_dir, tmp_path / "run", "train.max_steps=2", "train.compilation_cache=false",
+    ok(flaxclf(*train_args(tiny_model_dir, tmp_path / "run", "train.max_steps=2", "train.compilation_cache=false",
                              f"train.compilation_cache_dir={cache}")))
     assert not cache.exists()
 
@@ -164,7 +164,7 @@ def test_train_lengths_are_those_of_the_batches_that_run(steps, start):
 
 def test_setup_compiles_the_train_shapes_of_the_steps_left_and_none_for_a_finished_run(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "run"
-    overrides = [str(a) for a in _train_args(tiny_model_dir, run_dir, "train.max_steps=2", "data.buckets=[8,16,32]",
+    overrides = [str(a) for a in train_args(tiny_model_dir, run_dir, "train.max_steps=2", "data.buckets=[8,16,32]",
                                               "train.compilation_cache=false")[3:] if a != "--no-progress"]
     cfg = load_config(ROOT / "configs/tiny.yaml", overrides)
     job = train.setup(cfg)

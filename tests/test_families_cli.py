@@ -13,10 +13,10 @@ from safetensors.numpy import save_file
 from flaxclf.backbone import BertSpec, hf_flax_problem
 from flaxclf.model import BertClassifier, ClassifierConfig, init_params
 from flaxclf.weights import TOKENIZER_FILES, to_pt_state
-from tests.test_journeys import _ok, _records, _refused, _train_args, flaxclf
+from tests.helpers import flaxclf, ok, records, refused, train_args
 from tests.torch_ref import needs_torch
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.journey
 
 # Tiny encoders over MiniLM's real WordPiece tokenizer (vocabulary 30522, [PAD] = 0, so RoBERTa's padding_idx is 0).
 _SHAPE = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
@@ -52,15 +52,15 @@ def test_fine_tune_resume_inspect_predict_and_export(base_dir, tmp_path):
     # A rate a tiny random encoder learns from in a few steps; every step's loss is logged.
     base = ("checkpoint.every_steps=2", "train.eval_every=2", "train.log_every=1", "optim.learning_rate=2e-3",
             "optim.warmup_ratio=0")
-    first = _ok(flaxclf(*_train_args(base_dir, run_dir, "train.max_steps=4", *base)))
+    first = ok(flaxclf(*train_args(base_dir, run_dir, "train.max_steps=4", *base)))
     assert "classifier head initialized fresh" in first.stdout + first.stderr
-    again = _ok(flaxclf(*_train_args(base_dir, run_dir, "train.max_steps=6", *base)))
+    again = ok(flaxclf(*train_args(base_dir, run_dir, "train.max_steps=6", *base)))
     assert f"resumed from {run_dir / 'checkpoints' / '4'} at step 4 of 6" in again.stdout
-    assert [r["step"] for r in _records(run_dir) if r["split"] == "validation"] == [2, 4, 6]
-    loss = [r["loss"] for r in _records(run_dir) if r["split"] == "train"]
+    assert [r["step"] for r in records(run_dir) if r["split"] == "validation"] == [2, 4, 6]
+    loss = [r["loss"] for r in records(run_dir) if r["split"] == "train"]
     assert len(loss) == 6 and np.mean(loss[-2:]) < np.mean(loss[:2])  # the loss goes down
 
-    p = _ok(flaxclf("inspect", str(run_dir), "--text", "not bad at all", "--json", "-"))
+    p = ok(flaxclf("inspect", str(run_dir), "--text", "not bad at all", "--json", "-"))
     out = json.loads(p.stdout)
     assert out["verdict"].startswith("Yes")
     changes = [q["logit_change"] for q in out["positions"]]
@@ -68,7 +68,7 @@ def test_fine_tune_resume_inspect_predict_and_export(base_dir, tmp_path):
 
     texts = ["a great film", "awful, just awful", "not bad at all, if a little long"]
     export = run_dir / "export"  # the best step's model, which PyTorch reads below
-    p = _ok(flaxclf("predict", str(export), "--format", "jsonl", stdin="\n".join(texts) + "\n"))
+    p = ok(flaxclf("predict", str(export), "--format", "jsonl", stdin="\n".join(texts) + "\n"))
     rows = [json.loads(line) for line in p.stdout.splitlines()]
     assert [r["text"] for r in rows] == texts
 
@@ -93,9 +93,9 @@ def test_impl_hf_is_refused_for_another_family_in_one_line(tmp_path, minilm_dir)
     spec = SPECS["roberta"]
     config = ClassifierConfig(backbone=spec, num_labels=2)
     export_hf(tmp_path / "roberta", config, init_params(BertClassifier(config), jax.random.PRNGKey(0)), minilm_dir)
-    p = flaxclf(*_train_args(tmp_path / "roberta", tmp_path / "run", "model.impl=hf", "train.max_steps=2"))
+    p = flaxclf(*train_args(tmp_path / "roberta", tmp_path / "run", "model.impl=hf", "train.max_steps=2"))
     if hf_flax_problem() is None:
-        _refused(p, "train", "model.impl=hf is transformers' FlaxBertModule, for BERT", "is a roberta model")
+        refused(p, "train", "model.impl=hf is transformers' FlaxBertModule, for BERT", "is a roberta model")
     else:  # under transformers 5 the setting is refused first, whatever the model: Flax BERT is not there
-        _refused(p, "train", hf_flax_problem())
+        refused(p, "train", hf_flax_problem())
     assert not (tmp_path / "run").exists()

@@ -53,24 +53,24 @@ def _imbalanced_csvs(folder: Path) -> dict[str, Path]:
     return files
 
 
-@pytest.mark.slow
+@pytest.mark.journey
 def test_a_run_that_learns_nothing_says_so_and_balanced_weights_are_reported_and_saved(tmp_path, tiny_model_dir):
     from sklearn.utils.class_weight import compute_class_weight
 
-    from tests.test_journeys import _ok, flaxclf
+    from tests.helpers import flaxclf, ok
 
     files = _imbalanced_csvs(tmp_path)
     base = ["train", "--config", ROOT / "configs" / "tiny.yaml", "--no-progress", f"model.name={tiny_model_dir}",
             "data.task=null", *(f"data.{s}_file={p}" for s, p in files.items()), "data.max_length=32",
             "data.buckets=[16, 32]"]
-    plain = _ok(flaxclf(*base, f"train.output_dir={tmp_path / 'none'}"))
+    plain = ok(flaxclf(*base, f"train.output_dir={tmp_path / 'none'}"))
     warned = [line.strip() for line in plain.stdout.splitlines() if line.strip().startswith("warning: test:")]
     assert len(warned) == 1 and re.search(r"the model learned little: it predicts \w+ for 100% of 100 rows", warned[0])
     summary = json.loads((tmp_path / "none" / "summary.json").read_text())
     assert any(w.startswith("test: the model learned little") for w in summary["warnings"])
     assert summary["test"]["macro_f1"] <= 2 * 64 / 164 / 3 + 1e-9  # no better than always "pos"
 
-    balanced = _ok(flaxclf(*base, f"train.output_dir={tmp_path / 'balanced'}", "loss.class_weights=balanced",
+    balanced = ok(flaxclf(*base, f"train.output_dir={tmp_path / 'balanced'}", "loss.class_weights=balanced",
                            "loss.label_smoothing=0.1"))
     import pandas as pd
 

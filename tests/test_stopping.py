@@ -68,30 +68,30 @@ def test_a_run_stops_at_the_predicted_step_and_exports_its_best(tmp_path, tiny_m
     assert (tmp_path / "run" / "export" / "model.safetensors").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.journey
 def test_kill_9_during_patience_resumes_to_the_same_stopping_step_and_params(tmp_path, tiny_model_dir):
-    from tests.test_journeys import _ok, _records, _same_weights, _train_args, flaxclf, kill_9_after
+    from tests.helpers import flaxclf, kill_9_after, ok, records, same_weights, train_args
 
     # min_delta 1.0: no evaluation after the first can improve on accuracy, so with evaluations every 4 steps and
     # patience 3 the run stops at the 4th evaluation, step 16, of 40 (by hand).
     extra = ("train.max_steps=40", "train.eval_every=4", "train.log_every=1", "checkpoint.every_steps=2",
              "train.early_stopping_patience=3", "train.early_stopping_min_delta=1.0")
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    out = _ok(flaxclf(*_train_args(tiny_model_dir, whole, *extra)))
+    out = ok(flaxclf(*train_args(tiny_model_dir, whole, *extra)))
     assert "early stopping at step 16" in out.stdout
     summary = json.loads((whole / "summary.json").read_text())
     assert summary["steps"] == 16 and summary["early_stopped"] is True
 
     kill_9_after(tiny_model_dir, killed, 10, *extra)  # between evaluations 2 and 3: bad_evals is 1
-    again = _ok(flaxclf(*_train_args(tiny_model_dir, killed, *extra)))
+    again = ok(flaxclf(*train_args(tiny_model_dir, killed, *extra)))
     assert "resumed from" in again.stdout and "early stopping at step 16" in again.stdout
     assert json.loads((killed / "summary.json").read_text())["steps"] == 16
-    _same_weights(whole / "export", killed / "export")
-    assert max(r["step"] for r in _records(killed) if r["split"] == "train") == 16
+    same_weights(whole / "export", killed / "export")
+    assert max(r["step"] for r in records(killed) if r["split"] == "train") == 16
 
     # The stopped run, run again: nothing more is trained.
-    before = len(_records(whole))
-    third = _ok(flaxclf(*_train_args(tiny_model_dir, whole, *extra)))
+    before = len(records(whole))
+    third = ok(flaxclf(*train_args(tiny_model_dir, whole, *extra)))
     assert "stopped early at step 16" in third.stdout and "nothing left to train" in third.stdout
-    assert all(r["split"] != "train" for r in _records(whole)[before:])
+    assert all(r["split"] != "train" for r in records(whole)[before:])
     assert json.loads((whole / "summary.json").read_text())["steps"] == 16

@@ -12,7 +12,7 @@ from flaxclf.runlog import read_records
 from flaxclf.train import TrainingError, run
 from tests.torch_ref import needs_torch
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.journey
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 # One bucket (64): one compiled train step and one eval step; 8 steps, eval every 4, a line every 2.

@@ -1,0 +1,164 @@
+"""What the tests share: the `flaxclf` command run as a user runs it, the tiny run's arguments, reading what a
+run leaves, a once-per-session build shared by every xdist worker, and the float32 parity bound."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The commands the tests start see one CPU device, as a user's laptop does, and compile at XLA's backend
+# optimization level 0, as the in-process tests do (conftest): their tiny shapes run in next to no time
+# unoptimized, and most of a child's time is compiling. The numbers are XLA's HLO semantics either way.
+CHILD_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = CHILD_XLA_FLAGS
+    env["JAX_PLATFORMS"] = "cpu"
+    env.update(extra)
+    return env
+
+
+def command(*args) -> list[str]:
+    return [sys.executable, "-m", "flaxclf.cli", *map(str, args)]
+
+
+def flaxclf(*args, cwd: Path = ROOT, stdin: str | None = None, timeout: int = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The real `flaxclf` command, in a child process."""
+    return subprocess.run(command(*args), input=stdin, capture_output=True, text=True, cwd=cwd,
+                          env=env or child_env(), timeout=timeout)
+
+
+def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def refused(p: subprocess.CompletedProcess, command: str, *fragments: str) -> str:
+    """The one-line error of a refused command (exit code 2, no traceback); returns it."""
+    assert p.returncode == 2, (p.stdout[-2000:], p.stderr[-3000:])
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"flaxclf {command}: error: "), p.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+def train_args(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["train", "--config", ROOT / "configs/tiny.yaml", f"model.name={model_dir}", f"train.output_dir={run_dir}",
+            "data.max_length=32", "data.buckets=[16,32]", "--no-progress", *extra]
+
+
+# The session's shared tiny run (conftest's tiny_run): a learning rate far too high, so that its best validation
+# step comes before its last one, and a checkpoint every other step.
+TINY_RUN_ARGS = ("train.max_steps=6", "train.eval_every=1", "checkpoint.every_steps=2", "optim.learning_rate=0.3",
+                 "optim.schedule=constant", "optim.warmup_ratio=0")
+
+
+def kill_9_after(model_dir: Path, run_dir: Path, step: int, *extra: str) -> None:
+    """Starts the training command and sends it SIGKILL once metrics.jsonl has logged `step`."""
+    proc = subprocess.Popen(command(*train_args(model_dir, run_dir, *extra)), cwd=ROOT, env=child_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        steps = [r["step"] for r in records(run_dir)] if (run_dir / "metrics.jsonl").is_file() else []
+        if steps and max(steps) >= step:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "precondition: the run must still be going when it is killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "summary.json").exists()
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def tree_hash(folder: Path) -> str:
+    """A hash of every path and byte under a folder: 'left as it was' means this did not change."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        h.update(str(p.relative_to(folder)).encode() + b"\0")
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def weights(folder: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+
+
+def shared(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder built once per test session, whichever xdist worker asks first: the workers' base temp folders
+    share a parent, and a file lock there makes the others wait for the first build, then reuse it. `build`
+    fills the folder it is given; a build that raised is not reused (the next asker builds again)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent / "shared"
+    root.mkdir(exist_ok=True)
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            if folder.exists():
+                import shutil
+
+                shutil.rmtree(folder)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------- float32 bounds
+#
+# A parity test compares two float32 computations of the same function (flaxclf against torch, a packed batch
+# against an unpacked one, sharded against one device). Neither is exact: each rounds at every operation, in an
+# order that depends on the library, the machine's vector width and the thread count. The bound is the standard
+# forward error of a float32 computation:
+#   - one rounding costs at most u = 2^-24 relative (the unit roundoff);
+#   - a sum of n terms in any order is off by at most ~sqrt(n)·u relative to the sum of magnitudes for random
+#     rounding (the worst case is n·u; the probabilistic bound of Higham & Mary, 2019, is sqrt(n)·u with a small
+#     constant, and it is what float32 reproduces across machines);
+#   - a network of `depth` such reductions in sequence (matmuls, softmax, LayerNorm, the backward pass's
+#     transposes) compounds them additively to first order;
+#   - 16 is the constant that covers the two sides' errors, the conditioning of softmax and LayerNorm on inputs
+#     of unit scale, and the reassociation of the same sum by two libraries.
+# So |a - b| <= 16 · depth · sqrt(n) · u · scale, where n is the longest reduction (the contraction width, or
+# the number of elements summed into a loss) and scale the magnitude of what is compared (1 for a value of unit
+# size; a gradient's largest magnitude for a gradient). Every bound in the suite is f32_bound(...) with its
+# depth, n and scale named at the call, and the same in every environment; a bound below this is a test of one
+# machine's rounding, which another machine fails.
+F32_UNIT_ROUNDOFF = 2.0 ** -24
+
+
+def f32_bound(depth: int, n: int, scale: float = 1.0) -> float:
+    """The float32 parity bound for `depth` reductions in sequence of at most `n` terms, at magnitude `scale`."""
+    return 16 * depth * math.sqrt(n) * F32_UNIT_ROUNDOFF * scale
