@@ -356,6 +356,34 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+# The commands that compile a forward step: they read and fill the compilation cache as `flaxclf train` does.
+_COMPILING = ("evaluate", "predict", "inspect")
+
+
+@contextlib.contextmanager
+def _compilation(args: argparse.Namespace):
+    """JAX's persistent compilation cache for a command that compiles, so that the second evaluate or predict of a
+    run compiles nothing: a run directory's own train.compilation_cache settings, else flaxclf's cache folder.
+    With --verbose, says on stderr how many executables the command used and how many came from the cache."""
+    from flaxclf import assets, compilation, predict, timing
+
+    root, on = assets.cache_root() / "xla", True
+    if predict.is_run_dir(args.model) and (Path(args.model).expanduser() / "config.yaml").is_file():
+        with contextlib.suppress(Exception):  # an unreadable config.yaml is the command's own error to report
+            train_cfg = predict.run_config(Path(args.model).expanduser()).train
+            on = train_cfg.compilation_cache
+            root = Path(train_cfg.compilation_cache_dir) if train_cfg.compilation_cache_dir else root
+    if on:
+        compilation.enable_cache(root)
+    timing.listen()
+    before = timing.compile_totals()
+    yield
+    if getattr(args, "verbose", False):
+        after = timing.compile_totals()
+        print(f"flaxclf {args.command}: compilation: {after['compiles'] - before['compiles']} executables, "
+              f"{after['cache_hits'] - before['cache_hits']} read from the compilation cache", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one command. A user error is one line on stderr and exit code 2 (--verbose adds its traceback); a
     traceback without --verbose means a bug in flaxclf."""
@@ -363,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     verbose = getattr(args, "verbose", False)
     _quiet(verbose)
     try:
-        return args.fn(args)
+        with _compilation(args) if args.command in _COMPILING else contextlib.nullcontext():
+            return args.fn(args)
     except _user_errors() as e:
         err, message = e, " ".join(str(e).split())
     except OSError as e:  # the machine's answer, not flaxclf's bug: a full disk, a missing permission

@@ -18,6 +18,16 @@ def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
     return math.ceil(cfg.warmup_ratio * total_steps)
 
 
+def schedule_constants(cfg: OptimConfig, total_steps: int) -> tuple[int, ...]:
+    """What of the run's length the compiled schedule holds as constants, and so what a compiled train step
+    depends on: nothing for a constant rate without warmup, the warmup length for a constant rate after warmup,
+    and the warmup and the total for a decay (its slope is lr / (total - warmup)). A resumed run with another
+    train.max_steps reuses the compiled steps exactly when these are equal."""
+    if cfg.schedule == "constant":
+        return (warmup_steps(cfg, total_steps),) if cfg.warmup_ratio else ()
+    return (warmup_steps(cfg, total_steps), total_steps)
+
+
 def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0, then linear or cosine decay to 0 at `total_steps`, or constant."""
     if total_steps < 1:

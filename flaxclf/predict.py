@@ -110,7 +110,8 @@ def _has_head(folder: Path) -> bool:
     return any("ForSequenceClassification" in a for a in cfg.get("architectures") or [])
 
 
-def _run_config(run_dir: Path) -> RunConfig:
+def run_config(run_dir: Path) -> RunConfig:
+    """The resolved settings a run directory was trained with (its config.yaml)."""
     import yaml
 
     return from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
@@ -130,7 +131,7 @@ def _load_run(run_dir: Path, step: str | int | None, max_length: int | None) -> 
     else:
         if step is not None:
             raise InferenceError(f"{run_dir} has no checkpoints/, so --step can't be used")
-        cfg = _run_config(run_dir)
+        cfg = run_config(run_dir)
         model_dir = assets.resolve_model(cfg.model.name)
         # The export's config.json carries the head (labels, problem type, dropout); the run's the compute dtype.
         export = run_dir / "export"

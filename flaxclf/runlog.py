@@ -50,8 +50,7 @@ class RunLog:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         truncate_after(self.path, start_step)
-        from tensorboardX import SummaryWriter
-
+        SummaryWriter = _summary_writer_class()
         # purge_step hides events a previous attempt wrote after the checkpoint we resumed from.
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
         if show_progress:
@@ -89,3 +88,23 @@ class RunLog:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+
+
+def _summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch whenever it is installed
+    (for its graph and video helpers, which flaxclf does not use), and that costs a training run over a second of
+    start-up and hundreds of MB. A None entry in sys.modules makes its `import torch` fail as if torch were absent;
+    the entry is put back as it was."""
+    import sys
+
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+

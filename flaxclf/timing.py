@@ -29,7 +29,7 @@ STEP_LOAD_EVENT = "/flaxclf/step_cache/load_duration"
 
 _lock = threading.Lock()
 _compile = {"seconds": 0.0, "compiles": 0, "cache_hits": 0, "traces": 0, "trace_s": 0.0, "lower_s": 0.0,
-            "backend_s": 0.0, "load_s": 0.0}
+            "backend_s": 0.0, "load_s": 0.0, "step_loads": 0}
 _listening = False
 
 
@@ -44,6 +44,7 @@ def _on_duration(event: str, seconds: float, **_) -> None:
         with _lock:
             _compile["seconds"] += seconds
             _compile["load_s"] += seconds
+            _compile["step_loads"] += 1
             _compile["compiles"] += 1
             _compile["cache_hits"] += 1
 

@@ -44,7 +44,7 @@ from flaxclf.checkpoint import (
 from flaxclf.config import ConfigError, RunConfig
 from flaxclf.data import long_text
 from flaxclf.model import BertClassifier, ClassifierConfig, cast_floats, make_classifier
-from flaxclf.optim import lr_schedule, make_optimizer
+from flaxclf.optim import lr_schedule, make_optimizer, schedule_constants
 from flaxclf.runlog import METRICS_FILE, RunLog
 from flaxclf.steps import TrainState, abstract_state, compile_steps, create_state, state_shardings
 from flaxclf.vocab import HF_POOLING
@@ -201,7 +201,8 @@ def _setup_model(cfg: RunConfig, clock: timing.Clock, run_dir: Path, mesh, model
             batches.restore(meta["data"])
             best = meta.get("best", best)
             early = meta.get("early_stopping", early)
-        settings = ("train", model, cfg.optim, total, loss, mesh)  # all that train_step closes over
+        # All that train_step closes over; of the run's length, only what the schedule holds as constants.
+        settings = ("train", model, cfg.optim, schedule_constants(cfg.optim, total), loss, mesh)
         train_step = compilation.Precompiled(jitted_train, pool, step_cache, repr(settings))
         start = 0 if restored is None else int(jax.device_get(state.step))
         if not early["stopped"]:

@@ -125,13 +125,17 @@ def tiny_run(tmp_path_factory, tiny_model_dir) -> pathlib.Path:
     """The session's one tiny finished run (helpers.TINY_RUN_ARGS), trained once by whichever worker asks first:
     the CLI tests, the bad-input cases and the journeys that read a finished run all read this one. Its best
     validation step comes before its last. Returns the run directory; `train.out` beside it holds the command's
-    exit code, stdout and stderr."""
+    exit code, stdout and stderr, and `modules.json` the modules it had imported when it ended."""
     import subprocess
 
     def build(folder: pathlib.Path) -> None:
         run_dir = folder / "run"
-        p = subprocess.run(command(*train_args(tiny_model_dir, run_dir, *TINY_RUN_ARGS)), capture_output=True,
-                           text=True, env=child_env(), timeout=600)
+        python, _, module, *args = command(*train_args(tiny_model_dir, run_dir, *TINY_RUN_ARGS))
+        # The command as `python -m` runs it, and the modules it had imported when it ended, kept apart.
+        program = (f"import json, runpy, sys\nsys.argv = {[module, *args]!r}\ntry:\n"
+                   f"    runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\nfinally:\n"
+                   f"    open({str(folder / 'modules.json')!r}, 'w').write(json.dumps(sorted(sys.modules)))\n")
+        p = subprocess.run([python, "-c", program], capture_output=True, text=True, env=child_env(), timeout=600)
         (folder / "train.out").write_text(json.dumps({"rc": p.returncode, "stdout": p.stdout, "stderr": p.stderr}))
         assert p.returncode == 0, p.stderr[-3000:]
 

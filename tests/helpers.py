@@ -122,7 +122,8 @@ def shared(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
     fills the folder it is given; a build that raised is not reused (the next asker builds again)."""
     from filelock import FileLock
 
-    root = tmp_path_factory.getbasetemp().parent / "shared"
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
     root.mkdir(exist_ok=True)
     folder, done = root / name, root / f"{name}.done"
     with FileLock(str(root / f"{name}.lock")):

@@ -4,7 +4,6 @@ params-only loading / export work from any checkpoint."""
 
 import csv
 import logging
-import os
 import random
 import shutil
 import signal
@@ -26,6 +25,7 @@ from flaxclf.config import CheckpointConfig, MeshConfig, load_config
 from flaxclf.optim import make_optimizer
 from flaxclf.runlog import read_records
 from flaxclf.steps import compile_steps, state_shardings
+from tests.helpers import CHILD_XLA_FLAGS, child_env
 
 REPO = Path(__file__).resolve().parents[1]
 TOTAL = 12  # configs/tiny.yaml: max_steps 12, eval every 6, a checkpoint every 4 steps
@@ -58,7 +58,7 @@ def _overrides(model_dir: Path, data_dir: Path, out: Path, *extra: str) -> list[
 
 
 def _launch(overrides: list[str], log_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = child_env(XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {CHILD_XLA_FLAGS}")
     return subprocess.Popen([sys.executable, "train.py", "--config", "configs/tiny.yaml", "--no-progress",
                              *overrides], cwd=REPO, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
 

@@ -12,7 +12,7 @@ import pytest
 
 from flaxclf import compilation, data, timing, train
 from flaxclf.config import load_config
-from tests.helpers import ROOT, flaxclf, ok, same_weights, train_args
+from tests.helpers import ROOT, child_env, flaxclf, ok, same_weights, train_args
 
 pytestmark = pytest.mark.journey
 
@@ -132,6 +132,39 @@ def test_an_unwritable_cache_folder_turns_the_cache_off_and_the_run_goes_on(tmp_
                                  f"train.compilation_cache_dir={blocker / 'xla'}")))
     assert "compilation cache off: can't create" in p.stderr and "train.compilation_cache_dir" in p.stderr
     assert _summary(tmp_path / "run")["time"]["compilation"]["cache_hits"] == 0
+
+
+def test_a_resumed_run_with_another_max_steps_reads_its_steps_from_the_cache(tmp_path, tiny_model_dir):
+    """A constant learning rate without warmup: the compiled train step does not depend on train.max_steps, so a run
+    resumed with more steps reads every step executable whole from the cache and saves none anew. (A decaying
+    schedule holds the total as a constant, and compiles again: test_optim's schedule_constants test.)"""
+    cache, run_dir = tmp_path / "xla", tmp_path / "run"
+    args = ("train.eval_every=2", "checkpoint.every_steps=2", "data.buckets=[32]", "optim.schedule=constant",
+            "optim.warmup_ratio=0", f"train.compilation_cache_dir={cache}")
+    ok(flaxclf(*train_args(tiny_model_dir, run_dir, "train.max_steps=2", *args)))
+    (steps,) = cache.glob("*/steps")
+    saved = sorted(steps.iterdir())
+    again = ok(flaxclf(*train_args(tiny_model_dir, run_dir, "train.max_steps=4", *args)))
+    assert "resumed from" in again.stdout and _summary(run_dir)["steps"] == 4
+    assert sorted(steps.iterdir()) == saved  # nothing compiled anew to save
+    compiled = _summary(run_dir)["time"]["compilation"]
+    assert compiled["step_loads"] == len(saved) == 2  # the train step and the eval step, both read whole
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_a_second_predict_or_evaluate_compiles_nothing(tiny_run, tmp_path, command):
+    """The second command on the same run reads every executable from the compilation cache (--verbose counts
+    them); a cache folder of this test's own, so that the first one compiles."""
+    env = child_env(FLAXCLF_CACHE=str(tmp_path / "cache"))
+    args = (("predict", tiny_run, "-") if command == "predict" else ("evaluate", tiny_run, "--split", "test"))
+    counts = []
+    for _ in range(2):
+        p = ok(flaxclf(*args, "--verbose", "--no-progress", stdin="a great film\nawful\n", env=env))
+        (line,) = [x for x in p.stderr.splitlines() if x.startswith(f"flaxclf {command}: compilation: ")]
+        counts.append(tuple(map(int, re.findall(r"(\d+) executables, (\d+) read from", line)[0])))
+    (first, first_hits), (second, second_hits) = counts
+    assert first > 0 and first_hits == 0
+    assert second == first and second_hits == second
 
 
 def test_cache_off_writes_no_cache(tmp_path, tiny_model_dir):

@@ -1,6 +1,7 @@
 """ModernBERT through the real `flaxclf` command, as a user takes it: a masked-LM checkpoint (model.* and head.*)
 fine-tuned with either pooling, with and without remat, killed and resumed, exported to what transformers'
-AutoModel loads, predicted, evaluated and inspected; long inputs up to the checkpoint's 512 positions; and what is refused."""
+AutoModel loads, predicted, evaluated and inspected; long inputs up to the checkpoint's 512 positions; and what
+is refused."""
 
 import csv
 import io

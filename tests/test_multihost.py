@@ -20,7 +20,7 @@ TIMEOUT_S = 300
 _DRIVER = r'''
 import json, os, signal, sys
 spec = json.loads(sys.argv[1])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec['devices']}"
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec['devices']} --xla_backend_optimization_level=0"
 os.environ["JAX_PLATFORMS"] = "cpu"
 from flaxclf import checkpoint, data, train
 from flaxclf.config import load_config
