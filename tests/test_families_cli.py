@@ -47,6 +47,7 @@ def base_dir(request, tmp_path_factory, minilm_dir) -> Path:
     return folder
 
 
+@pytest.mark.hf
 def test_fine_tune_resume_inspect_predict_and_export(base_dir, tmp_path):
     run_dir = tmp_path / "run"
     # A rate a tiny random encoder learns from in a few steps; every step's loss is logged.
@@ -86,6 +87,7 @@ def test_fine_tune_resume_inspect_predict_and_export(base_dir, tmp_path):
     np.testing.assert_allclose(ours, probs, rtol=0, atol=1e-5)
 
 
+@pytest.mark.hf
 def test_impl_hf_is_refused_for_another_family_in_one_line(tmp_path, minilm_dir):
     """transformers' Flax backbone (model.impl=hf) is BERT's: a RoBERTa run is refused before it starts."""
     from flaxclf.weights import export_hf

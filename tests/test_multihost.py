@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.journey  # each process trains (flaxclf.train.run)
 TIMEOUT_S = 300
 
 # Runs flaxclf.train.run in one process. XLA_FLAGS is set before jax is imported. Hooks record what this process

@@ -57,6 +57,7 @@ def test_summary_has_validation_and_test_accuracy(finished_run):
     assert (out / "config.yaml").is_file() and (out / "labels.json").is_file()
 
 
+@pytest.mark.hf
 def test_export_loads_in_pytorch_with_no_missing_keys(finished_run):
     needs_torch()
     import transformers
