@@ -32,8 +32,8 @@ import pytest  # noqa: E402
 
 from tests.helpers import TINY_RUN_ARGS, child_env, command, shared, train_args  # noqa: E402
 
-# Fixtures that start a child process that trains: a test that uses one is in the journey tier (tests/README.md).
-JOURNEY_FIXTURES = {"tiny_run"}
+# Fixtures that train whole runs (child processes): a test that uses one is in the journey tier (tests/README.md).
+JOURNEY_FIXTURES = {"tiny_run", "runs"}
 
 
 def pytest_collection_modifyitems(items):
