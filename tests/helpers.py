@@ -163,3 +163,34 @@ F32_UNIT_ROUNDOFF = 2.0 ** -24
 def f32_bound(depth: int, n: int, scale: float = 1.0) -> float:
     """The float32 parity bound for `depth` reductions in sequence of at most `n` terms, at magnitude `scale`."""
     return 16 * depth * math.sqrt(n) * F32_UNIT_ROUNDOFF * scale
+
+
+# One AdamW update of one element in float32 (optax) against torch.optim.AdamW: the clip's multiply, mu (3 ops),
+# nu (4), the two bias corrections (2), sqrt and + eps (2), the divide, the decay term (2), * lr and the step onto
+# the parameter (2): 17 roundings, elementwise (n = 1; the clip's global norm changes every gradient by one
+# factor, which Adam's m / sqrt(v) divides out). Each step's result is rounded at the parameter's magnitude.
+ADAMW_OPS = 17
+
+
+def query_of(path: str) -> str:
+    """A key bias's exact gradient is 0 (softmax ignores a constant added to every score): what two runs get is the
+    rounding of terms at its query bias's gradient's scale, which cancel. Other paths are their own."""
+    return path.replace("key/bias", "query/bias").replace("k_lin/bias", "q_lin/bias")
+
+
+def adamw_param_bound(path: str, ref: np.ndarray, nus: list[dict[str, np.ndarray]], grad_depth: int, tokens: int,
+                      lr: float, b2: float, eps: float) -> np.ndarray:
+    """A parameter tensor after len(nus) AdamW steps of two float32 runs, elementwise. Each step rounds p + update
+    at |p|. AdamW divides each element by its own gradient size sqrt(v-hat): a gradient error d (the tensor's
+    f32_bound at its largest gradient, or for a key bias its query bias's) moves the update by up to
+    ~2 d / sqrt(v-hat) of lr, never more than 2 lr, plus the update's own roundings; an element no gradient
+    reached (v = 0) moves by weight decay alone. `nus`: the reference run's second moment after each step, by
+    path."""
+    total = f32_bound(len(nus), 1, np.abs(np.asarray(ref, np.float64)))
+    for t, nu in enumerate(nus, 1):
+        g2 = [(nu[q] - (b2 * nus[t - 2][q] if t > 1 else 0.0)) / (1 - b2) for q in {path, query_of(path)} if q in nu]
+        g_max = float(np.sqrt(max(np.max(g, initial=0.0) for g in g2)))
+        size = np.sqrt(nu[path] / (1 - b2 ** t))
+        moved = np.minimum(2.0, 2 * f32_bound(grad_depth, tokens, g_max) / (size + eps))
+        total = total + lr * (np.where(size > 0, moved, 0.0) + f32_bound(ADAMW_OPS, 1))
+    return total

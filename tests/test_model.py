@@ -7,11 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
 from flaxclf import losses
 from flaxclf.model import BertClassifier, ClassifierConfig, init_params
 from flaxclf.vocab import MULTI, REGRESSION, SINGLE
 from flaxclf.weights import from_pretrained
+from tests.helpers import f32_bound
 from tests.torch_ref import (
     IMPLS,
     TINY,
@@ -23,7 +25,27 @@ from tests.torch_ref import (
     torch_logits,
 )
 
+# ---------------------------------------------------------------------------------------------- float32 bounds
+# Two float32 computations of one function agree to f32_bound (tests/helpers.py derives it), with:
+# - depth: a layer's output depends on six matmuls in sequence (the query projection, the scores, the weighted
+#   values, the output projection, the feed-forward's two; the softmax's and LayerNorms' sums are in f32_bound's
+#   constant); the head adds two (the pooler, the classifier), a loss two (its per-row terms, the batch mean).
+#   The backward pass retraces the chain and ends in the weight gradients' sums over the batch's tokens.
+# - n: the longest contraction: the feed-forward's width (48), and the batch's 4 x 12 tokens (48).
+# - scale: the largest magnitude of what is compared; a loss's terms are at the logits' magnitude (log-sum-exps
+#   minus logits) or at the loss's own (squared residuals).
+FORWARD_DEPTH = 6 * TINY["num_hidden_layers"] + 2
+LOSS_DEPTH, WIDTH = 2, 48
+# The issue's goal for the logits of a checkpoint loaded from PyTorch, kept as it stands: it is above float32's
+# rounding (measured <= 2e-6) and below f32_bound for these depths.
+LOGITS_GOAL = 1e-5
 
+
+def _max_abs(x) -> float:
+    return float(np.max(np.abs(np.asarray(x, np.float64)), initial=0.0))
+
+
+@pytest.mark.hf
 @pytest.mark.parametrize("impl", IMPLS)
 def test_parity_small_random_config(tmp_path, impl):
     ref = saved_torch_classifier(tmp_path)
@@ -32,9 +54,11 @@ def test_parity_small_random_config(tmp_path, impl):
     got = np.asarray(model.apply(params, **{k: jnp.asarray(v) for k, v in b.items()}))
     want, _ = torch_logits(ref, b)
     assert np.abs(want).max() > 0.1  # a head that really moves the logits
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    print(f"\ntiny {impl}: logits max abs diff {_max_abs(got - want):.2g} (goal {LOGITS_GOAL:g})")
+    np.testing.assert_allclose(got, want, rtol=0, atol=LOGITS_GOAL)
 
 
+@pytest.mark.hf
 @pytest.mark.parametrize("impl", IMPLS)
 def test_parity_real_minilm_with_padding_and_segments(minilm_dir, tmp_path, impl):
     torch = needs_torch()
@@ -49,9 +73,11 @@ def test_parity_real_minilm_with_padding_and_segments(minilm_dir, tmp_path, impl
     got = np.asarray(model.apply(params, **{k: jnp.asarray(v) for k, v in b.items()}))
     want, _ = torch_logits(ref, b)
     assert np.abs(want).max() > 0.1
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    print(f"\nMiniLM {impl}: logits max abs diff {_max_abs(got - want):.2g} (goal {LOGITS_GOAL:g})")
+    np.testing.assert_allclose(got, want, rtol=0, atol=LOGITS_GOAL)
 
 
+@pytest.mark.hf
 @pytest.mark.parametrize("problem_type,num_labels", [(SINGLE, 3), (MULTI, 3), (REGRESSION, 1)])
 def test_loss_parity_with_pytorch(tmp_path, problem_type, num_labels):
     ref = saved_torch_classifier(tmp_path, num_labels=num_labels, problem_type=problem_type)
@@ -60,15 +86,21 @@ def test_loss_parity_with_pytorch(tmp_path, problem_type, num_labels):
     rng = np.random.default_rng(3)
     labels = {SINGLE: rng.integers(0, 3, 4), MULTI: rng.integers(0, 2, (4, 3)).astype(np.float32),
               REGRESSION: rng.normal(size=4).astype(np.float32)}[problem_type]
-    _, want = torch_logits(ref, b, labels)
+    want_logits, want = torch_logits(ref, b, labels)
     logits = model.apply(params, **{k: jnp.asarray(v) for k, v in b.items()})
     got = float(losses.loss(problem_type, logits, jnp.asarray(labels)))
-    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
-    # Padded examples (weight 0) leave the loss as it was, whatever their labels and logits.
+    scale = max(_max_abs(want_logits), abs(want))
+    bound = f32_bound(FORWARD_DEPTH + LOSS_DEPTH, WIDTH, scale)
+    print(f"\n{problem_type}: loss diff {abs(got - want):.2g} (bound {bound:.2g})")
+    assert abs(got - want) <= bound
+    # Padded examples (weight 0) leave the loss as it was, whatever their labels and logits: the loss's own ops
+    # over the 6 rows' terms.
     pad_logits = jnp.concatenate([logits, 100.0 * jnp.ones_like(logits[:2])])
     pad_labels = jnp.concatenate([jnp.asarray(labels), jnp.asarray(labels[:2])])
     weight = jnp.array([1.0] * 4 + [0.0] * 2)
-    assert float(losses.loss(problem_type, pad_logits, pad_labels, weight)) == pytest.approx(got, rel=1e-6)
+    padded = float(losses.loss(problem_type, pad_logits, pad_labels, weight))
+    print(f"with padded rows: diff {abs(padded - got):.2g} (bound {f32_bound(LOSS_DEPTH, 6 * num_labels, scale):.2g})")
+    assert abs(padded - got) <= f32_bound(LOSS_DEPTH, 6 * num_labels, scale)
 
 
 def test_problem_type_inferred_as_pytorch_does():
@@ -139,10 +171,18 @@ def test_remat_gives_the_same_gradients(tmp_path):
 
     def grads(remat):
         model, params = from_pretrained(str(tmp_path), remat=remat)
-        return jax.grad(lambda p: model.apply(p, **b).sum())(params)
+        return flatten_dict(jax.grad(lambda p: model.apply(p, **b).sum())(params), sep="/")
 
-    for a, r in zip(jax.tree.leaves(grads(False)), jax.tree.leaves(grads(True)), strict=True):
-        np.testing.assert_allclose(a, r, atol=1e-6)
+    # The logits' sum's gradients, per tensor at its largest (a key bias, whose exact gradient is 0 as softmax
+    # ignores a constant added to every score, at its query bias's: the rounding of its cancelling terms).
+    plain, remat = grads(False), grads(True)
+    worst = 0.0
+    for path, a in plain.items():
+        scale = max(_max_abs(a), _max_abs(plain[path.replace("key/bias", "query/bias")]))
+        diff, bound = _max_abs(a - remat[path]), f32_bound(2 * FORWARD_DEPTH + 2, WIDTH, scale)
+        assert diff <= bound, (path, diff, bound)
+        worst = max(worst, diff / bound)
+    print(f"\nremat: gradients worst diff / bound {worst:.2g}")
 
 
 def test_importing_flaxclf_leaves_the_process_alone():
@@ -153,6 +193,7 @@ def test_importing_flaxclf_leaves_the_process_alone():
     assert out.stdout.strip() == "False False True"
 
 
+@pytest.mark.hf
 @needs_hf_flax
 def test_pooler_equals_transformers_flax_pooler():
     """flaxclf's pooler has FlaxBertPooler's parameter names, initial values and output."""
@@ -171,6 +212,7 @@ def test_pooler_equals_transformers_flax_pooler():
     np.testing.assert_array_equal(ours.apply(p_ours, h), theirs.apply(p_theirs, h))
 
 
+@pytest.mark.hf
 def test_config_json_reads_as_transformers_reads_it(tmp_path):
     """config.json -> ClassifierConfig without transformers, equal to the path through transformers.BertConfig,
     fields left out included (they take BertConfig's defaults); and back to a config.json transformers reads."""
@@ -206,6 +248,7 @@ def test_impl_hf_is_refused_in_one_sentence_under_transformers_5(monkeypatch):
         backbone.hf_flax_bert_module()
 
 
+@pytest.mark.hf
 def test_impl_hf_is_refused_by_the_command_under_the_installed_transformers_5(tmp_path):
     """The real refusal, under the transformers this environment has: one line, the version named, exit 2."""
     from flaxclf.backbone import transformers_version
@@ -213,7 +256,7 @@ def test_impl_hf_is_refused_by_the_command_under_the_installed_transformers_5(tm
     version = transformers_version()
     if version is None or int(version.split(".")[0]) < 5:
         pytest.skip(f"transformers {version} has Flax BERT: test_parity_* compares impl=hf against PyTorch here")
-    from tests.test_cli import flaxclf
+    from tests.helpers import flaxclf
 
     out = flaxclf("train", "--config", "configs/tiny.yaml", f"train.output_dir={tmp_path / 'run'}", "model.impl=hf")
     assert out.returncode == 2

@@ -25,9 +25,12 @@ from flaxclf.modernbert import (
     chunked_attention,
     dense_attention,
 )
+from tests.helpers import f32_bound
 
 torch = pytest.importorskip("torch", reason="the PyTorch reference (torch) is not installed in this environment")
 transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.hf
 
 # 4 layers: 0 and 2 global, 1 and 3 local with a window of 4 on each side; sequences of 32.
 TINY = dict(vocab_size=99, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
@@ -37,6 +40,36 @@ FAMILY = FAMILIES["modernbert"]
 BIASES_ON = dict(norm_bias=True, attention_bias=True, mlp_bias=True, classifier_bias=True, local_rope_theta=500.0,
                  global_rope_theta=20000.0)
 LENGTHS = (32, 27, 13, 5)  # real tokens per row; 5 is shorter than a local layer's window
+
+# ---------------------------------------------------------------------------------------------- float32 bounds
+# Against torch, f32_bound (tests/helpers.py derives it) with:
+# - depth: a layer's output depends on six matmuls in sequence (Wqkv, the scores, the weighted values, Wo, the
+#   MLP's Wi and Wo; the softmax's and norms' sums are in f32_bound's constant); the head adds three (the mean
+#   pooling's sum, the head's dense layer, the classifier) and the loss two (log-sum-exp, the batch mean). The
+#   backward pass retraces the chain and ends in the weight gradients' sums over the batch's tokens.
+# - n: the longest contraction: the MLP's width in the forward, the batch's tokens in the weight gradients.
+# - scale: the largest magnitude of what is compared (a loss's terms are log-sum-exps minus logits: the logits').
+LAYER_DEPTH, HEAD_DEPTH, LOSS_DEPTH = 6, 3, 2
+WIDTH, TOKENS = TINY["intermediate_size"], len(LENGTHS) * max(LENGTHS)
+# The issue's goal for the logits of a checkpoint loaded from (or exported to) PyTorch, kept as it stands: it is
+# above float32's rounding (measured 2-3e-6 on logits up to ~5) and below f32_bound for this depth.
+LOGITS_GOAL = 1e-5
+# One attention (banded, chunked or dense): the scores, the softmax, the weighted values; the keys summed over are
+# at most the row's length. The backward pass retraces them and sums over the queries.
+ATTENTION_DEPTH = 3
+
+
+def _forward_depth(spec: ModernBertSpec) -> int:
+    return LAYER_DEPTH * spec.num_hidden_layers + HEAD_DEPTH
+
+
+def _max_abs(x) -> float:
+    return float(np.max(np.abs(np.asarray(x, np.float64)), initial=0.0))
+
+
+def _ratio(diff: float, bound: float) -> float:
+    """diff / bound, <= 1 when diff is within bound (a gradient that is 0 exactly has bound 0)."""
+    return diff / bound if bound > 0 else (0.0 if diff == 0 else np.inf)
 
 
 def _spec(pooling="cls", biases=False, **kw) -> ModernBertSpec:
@@ -124,15 +157,23 @@ def test_logits_and_hidden_states_match_torch(pooling, biases, remat):
     states, final, logits = _encode_and_logits(model, _params(_state(model_pt)), ids, mask)
     assert logits.dtype == jnp.float32 and logits.shape == (len(LENGTHS), NUM_LABELS)
     diff = _max_diff(logits, out.logits.numpy())
-    print(f"\nlogits {pooling} biases={biases}: max abs diff {diff:.3g} (max |logit| {out.logits.abs().max():.3g})")
-    assert diff <= 1e-5
-    # Every layer's output at the real positions (padded positions are nobody's input: see the module doc).
+    print(f"\nlogits {pooling} biases={biases}: max abs diff {diff:.3g} (max |logit| {out.logits.abs().max():.3g}, "
+          f"goal {LOGITS_GOAL:g})")
+    assert diff <= LOGITS_GOAL
+    # Every layer's output at the real positions (padded positions are nobody's input: see the module doc), after
+    # its layers' matmuls (the embeddings' norm: 1), at its own largest magnitude.
     real = mask.astype(bool)
     assert len(states) == len(out.hidden_states) == spec.num_hidden_layers + 1
     if int(transformers.__version__.split(".")[0]) >= 5:  # 5.x's last hidden state is after final_norm
         states = (*states[:-1], final)
+    worst = 0.0
     for n, (ours, theirs) in enumerate(zip(states, out.hidden_states, strict=True)):
-        assert _max_diff(np.asarray(ours)[real], theirs.numpy()[real]) <= 1e-5 * max(1.0, theirs.abs().max()), n
+        theirs = theirs.numpy()[real]
+        diff, bound = _max_diff(np.asarray(ours)[real], theirs), f32_bound(max(1, LAYER_DEPTH * n), WIDTH,
+                                                                           _max_abs(theirs))
+        assert diff <= bound, (n, diff, bound)
+        worst = max(worst, diff / bound)
+    print(f"hidden states: worst max abs diff / bound {worst:.2g} (layer {spec.num_hidden_layers}'s bound {bound:.2g})")
 
 
 @pytest.mark.parametrize("pooling,biases,remat", [("cls", True, False), ("mean", False, False), ("cls", True, True)])
@@ -153,19 +194,22 @@ def test_loss_and_gradients_match_torch(pooling, biases, remat):
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1))
 
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(_params(_state(model_pt)))
-    print(f"\nloss {pooling}: {out.loss.item():.8g} (torch) {float(loss):.8g} (flax)")
-    assert abs(float(loss) - out.loss.item()) <= 1e-6 * abs(out.loss.item())
+    depth = _forward_depth(spec) + LOSS_DEPTH
+    loss_diff = abs(float(loss) - out.loss.item())
+    loss_bound = f32_bound(depth, WIDTH, max(_max_abs(out.logits.detach()), out.loss.item()))
+    print(f"\nloss {pooling}: {out.loss.item():.8g} (torch) {float(loss):.8g} (flax): diff {loss_diff:.3g}, "
+          f"bound {loss_bound:.3g}")
+    assert loss_diff <= loss_bound
     grads = _to_state(grads)
     assert grads.keys() == grads_pt.keys()
     worst = 0.0
-    for name, g_pt in grads_pt.items():
-        scale = float(np.max(np.abs(g_pt)))
-        diff = _max_diff(grads[name], g_pt)
-        worst = max(worst, diff / (scale + 1e-12))
-        assert diff <= 1e-5 * scale + 1e-9, (name, diff, scale)
+    for name, g_pt in grads_pt.items():  # every tensor at its own largest gradient (Wqkv's bias holds the queries')
+        diff, bound = _max_diff(grads[name], g_pt), f32_bound(2 * depth + 1, max(WIDTH, TOKENS), _max_abs(g_pt))
+        worst = max(worst, _ratio(diff, bound))
+        assert diff <= bound, (name, diff, bound)
     assert not grads["model.embeddings.tok_embeddings.weight"][spec.pad_token_id].any()
-    print(f"\ngradients {pooling}: loss diff {abs(float(loss) - out.loss.item()):.3g}, "
-          f"worst max|diff| / max|torch| {worst:.3g}")
+    print(f"gradients {pooling}: worst max|diff| / bound {worst:.3g} (bound {f32_bound(2 * depth + 1, TOKENS):.3g} "
+          f"of each tensor's largest)")
 
 
 def _folder(tmp_path, spec, state, **config):
@@ -201,8 +245,8 @@ def test_state_dict_round_trip_and_export_to_torch(tmp_path):
     with torch.no_grad():
         expected = _torch_forward(fresh, ids, mask).logits.numpy()
     diff = _max_diff(_encode_and_logits(model, params, ids, mask)[2], expected)  # compiled already
-    print(f"\nexported to torch: logits max abs diff {diff:.3g}")
-    assert diff <= 1e-5
+    print(f"\nexported to torch: logits max abs diff {diff:.3g} (goal {LOGITS_GOAL:g})")
+    assert diff <= LOGITS_GOAL
     # ... and back into flaxclf from the export: the same parameters.
     again, loaded = weights.from_pretrained(str(out))
     assert again.config == model.config.replace(classifier_dropout=0.0)  # written out as the number it is
@@ -310,13 +354,16 @@ def test_banded_attention_equals_dense_masked_reference(n, local_attention):
         return out
 
     (banded, *grads_banded), (dense, *grads_dense) = outputs_and_grads(q, k, v)
-    # Sums over 3c keys instead of L round differently: a few fp32 ulps of outputs up to ~3.
-    diff = _max_diff(np.where(real, banded, 0.0), np.where(real, dense, 0.0))
-    grad_diff = max(_max_diff(a, b) / max(1.0, float(jnp.abs(b).max()))
-                    for a, b in zip(grads_banded, grads_dense, strict=True))
-    print(f"\nbanded vs dense L={n} window={window}: max abs diff {diff:.3g} (max |out| "
-          f"{np.abs(dense).max():.3g}), gradients {grad_diff:.3g} relative")
-    assert diff <= 1e-6 * max(1.0, np.abs(dense).max()) and grad_diff <= 1e-6
+    # Sums over 3c keys instead of L round differently: float32's bound of one attention over n keys, at the
+    # outputs' magnitude (the values'); the gradients at each one's largest.
+    dense_real = np.where(real, dense, 0.0)
+    diff = _max_diff(np.where(real, banded, 0.0), dense_real)
+    bound = f32_bound(ATTENTION_DEPTH, n, _max_abs(dense_real))
+    grad_ratio = max(_ratio(_max_diff(a, b), f32_bound(2 * ATTENTION_DEPTH, n, _max_abs(b)))
+                     for a, b in zip(grads_banded, grads_dense, strict=True))
+    print(f"\nbanded vs dense L={n} window={window}: max abs diff {diff:.3g} (bound {bound:.3g}), gradients "
+          f"worst diff / bound {grad_ratio:.3g}")
+    assert diff <= bound and grad_ratio <= 1.0
     # Both against float64 numpy.
     pos = np.arange(n)
     allowed = (np.abs(pos[:, None] - pos[None, :]) <= window)[None, None] & mask[:, None, None, :]
@@ -325,8 +372,8 @@ def test_banded_attention_equals_dense_masked_reference(n, local_attention):
     p = np.exp(s - s.max(-1, keepdims=True))
     expected = np.where(real, np.einsum("bhqk,bhkd->bhqd", p / p.sum(-1, keepdims=True), v64), 0.0)
     diff64 = _max_diff(np.where(real, banded, 0.0), expected)
-    print(f"banded vs float64 numpy: {diff64:.3g}")
-    assert diff64 <= 1e-6 * max(1.0, float(np.abs(expected).max()))
+    print(f"banded vs float64 numpy: {diff64:.3g} (bound {f32_bound(ATTENTION_DEPTH, n, _max_abs(expected)):.3g})")
+    assert diff64 <= f32_bound(ATTENTION_DEPTH, n, _max_abs(expected))
 
 
 @pytest.mark.parametrize("n,chunk", [(40, 16), (48, 16), (7, 4)])
@@ -348,9 +395,12 @@ def test_chunked_global_attention_equals_dense(n, chunk):
         return out
 
     (chunked, *grads_chunked), (dense, *grads_dense) = outputs_and_grads(q, k, v)
-    assert _max_diff(chunked, dense) <= 1e-6 * max(1.0, float(jnp.abs(dense).max()))
-    for a, b in zip(grads_chunked, grads_dense, strict=True):
-        assert _max_diff(a, b) <= 1e-6 * max(1.0, float(jnp.abs(b).max()))
+    diff, bound = _max_diff(chunked, dense), f32_bound(ATTENTION_DEPTH, n, _max_abs(dense))
+    grad_ratio = max(_ratio(_max_diff(a, b), f32_bound(2 * ATTENTION_DEPTH, n, _max_abs(b)))
+                     for a, b in zip(grads_chunked, grads_dense, strict=True))
+    print(f"\nchunked vs dense L={n}: max abs diff {diff:.3g} (bound {bound:.3g}), gradients worst diff / bound "
+          f"{grad_ratio:.3g}")
+    assert diff <= bound and grad_ratio <= 1.0
 
 
 def test_attention_memory_grows_linearly_with_length_not_as_its_square():
@@ -375,7 +425,10 @@ def test_attention_memory_grows_linearly_with_length_not_as_its_square():
     assert t["chunked", 2048] * 5 < t["dense", 2048]
     ids, mask = _batch(spec, lengths=(2048, 1748))
     logits = [jax.jit(m.apply)(params, ids, mask) for m in (chunked, dense)]
-    assert _max_diff(*logits) <= 1e-5 * max(1.0, float(jnp.abs(logits[1]).max()))
+    # The whole forward, whose global attentions sum over up to 2,048 keys.
+    diff, bound = _max_diff(*logits), f32_bound(_forward_depth(spec), 2048, _max_abs(logits[1]))
+    print(f"chunked vs dense logits at L = 2048: max abs diff {diff:.3g} (bound {bound:.3g})")
+    assert diff <= bound
 
 
 def test_remat_keeps_one_group_of_layers_not_every_layer():

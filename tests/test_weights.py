@@ -24,11 +24,16 @@ from tests.torch_ref import (
     torch_logits,
 )
 
+# The issue's goal for the logits of a checkpoint loaded from (or exported to) PyTorch, kept as it stands: it is
+# above float32's rounding (measured <= 3.5e-6, MiniLM's export) and below helpers.f32_bound for the models' depths.
+LOGITS_GOAL = 1e-5
+
 
 def jnp_batch(vocab=TINY["vocab_size"], **kw):
     return {k: jnp.asarray(v) for k, v in batch(vocab, **kw).items()}
 
 
+@pytest.mark.hf
 @pytest.mark.parametrize("fmt", ["safetensors", "bin", pytest.param("msgpack", marks=needs_hf_flax)])
 def test_every_checkpoint_format_loads_to_the_same_logits(tmp_path, fmt):
     ref = saved_torch_classifier(tmp_path / "st")
@@ -44,7 +49,9 @@ def test_every_checkpoint_format_loads_to_the_same_logits(tmp_path, fmt):
             "msgpack": "flax_model.msgpack"}[fmt] in {p.name for p in folder.iterdir()}
     model, params = from_pretrained(str(folder))
     want, _ = torch_logits(ref, batch(TINY["vocab_size"]))
-    np.testing.assert_allclose(model.apply(params, **jnp_batch()), want, rtol=0, atol=1e-5)
+    got = np.asarray(model.apply(params, **jnp_batch()))
+    print(f"\n{fmt}: logits max abs diff {np.abs(got - want).max():.2g} (goal {LOGITS_GOAL:g})")
+    np.testing.assert_allclose(got, want, rtol=0, atol=LOGITS_GOAL)
 
 
 def test_base_bertmodel_checkpoint_gets_a_fresh_head_with_a_notice(minilm_dir, caplog):
@@ -59,6 +66,7 @@ def test_base_bertmodel_checkpoint_gets_a_fresh_head_with_a_notice(minilm_dir, c
     np.testing.assert_array_equal(params["params"]["pooler"]["dense"]["kernel"], pooler.T)
 
 
+@pytest.mark.hf
 def test_label_names_and_problem_type_come_from_the_checkpoint(tmp_path):
     """A config.json as transformers writes it (save_pretrained of a PyTorch model)."""
     torch = needs_torch()
@@ -131,6 +139,7 @@ def minilm_export(minilm_dir, tmp_path_factory):
     return model, params, out
 
 
+@pytest.mark.hf
 def test_export_loads_in_pytorch_with_no_missing_keys_and_same_logits(minilm_export):
     needs_torch()
     import transformers
@@ -142,9 +151,11 @@ def test_export_loads_in_pytorch_with_no_missing_keys_and_same_logits(minilm_exp
     want, _ = torch_logits(ref.eval(), b)
     got = np.asarray(model.apply(params, **{k: jnp.asarray(v) for k, v in b.items()}))
     assert np.abs(want).max() > 0.1
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    print(f"\nMiniLM export: logits max abs diff {np.abs(got - want).max():.2g} (goal {LOGITS_GOAL:g})")
+    np.testing.assert_allclose(got, want, rtol=0, atol=LOGITS_GOAL)
 
 
+@pytest.mark.hf
 def test_export_round_trips_bit_for_bit_with_its_tokenizer(minilm_export):
     """The exported folder: the config transformers reads, the tokenizer, and the params back into flaxclf."""
     from flaxclf.data.tokens import load_tokenizer
@@ -161,6 +172,7 @@ def test_export_round_trips_bit_for_bit_with_its_tokenizer(minilm_export):
     assert load_tokenizer(out, 32).encode("a fine film").ids[0] == 101
 
 
+@pytest.mark.hf
 def test_export_tokenizer_loads_in_transformers(minilm_export):
     transformers = pytest.importorskip("transformers", reason="transformers is not installed in this environment")
     assert transformers.AutoTokenizer.from_pretrained(minilm_export[2])("a fine film")["input_ids"][0] == 101
