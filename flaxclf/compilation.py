@@ -74,14 +74,32 @@ def enable_cache(root: Path) -> Path | None:
         log.warning(f"compilation cache off: {path} is not writable; set train.compilation_cache_dir to a "
                     "writable folder, or train.compilation_cache=false")
         return None
-    # Bounded: JAX drops the least recently used executables beyond this.
-    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+    # Bounded once, here, rather than by JAX's own eviction (jax_compilation_cache_max_size), which locks the
+    # folder and reads every entry's access time on every write: its cost grows with the folder, and it slowed a
+    # cold compile-heavy test file from 42 s to 67 s.
+    trim_cache(path, CACHE_MAX_BYTES)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     # JAX decides once per process whether to use the cache, at its first compile: start that decision over.
     compilation_cache.reset_cache()
     compilation_cache.set_cache_dir(str(path))
     return path
+
+
+def trim_cache(path: Path, max_bytes: int) -> None:
+    """Deletes JAX's cache entries in `path`, the least recently used first, until the rest fit in max_bytes
+    (their access times; the bookkeeping files of JAX's own eviction go with them)."""
+    entries = []
+    for f in path.glob("*-cache"):
+        with contextlib.suppress(OSError):
+            st = f.stat()
+            entries.append((max(st.st_atime, st.st_mtime), st.st_size, f))
+    total = 0
+    for _, size, f in sorted(entries, key=lambda e: e[0], reverse=True):
+        total += size
+        if total > max_bytes:
+            for dead in (f, f.with_name(f.name.removesuffix("-cache") + "-atime")):
+                dead.unlink(missing_ok=True)
 
 
 def structs(tree: Any, shardings: Any) -> Any:

@@ -220,6 +220,17 @@ def test_setup_compiles_the_train_shapes_of_the_steps_left_and_none_for_a_finish
         job.batches.close()
 
 
+def test_trim_keeps_the_most_recently_used_entries_that_fit(tmp_path):
+    for i, name in enumerate(["old", "mid", "new"]):  # 100 bytes each, used at times 1000, 2000, 3000
+        f = tmp_path / f"{name}-cache"
+        f.write_bytes(b"x" * 100)
+        os.utime(f, (1000 * (i + 1), 1000 * (i + 1)))
+    (tmp_path / "old-atime").write_bytes(b"t")  # JAX's own eviction's bookkeeping goes with its entry
+    (tmp_path / "notes.txt").write_text("not the cache's")
+    compilation.trim_cache(tmp_path, 250)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mid-cache", "new-cache", "notes.txt"]
+
+
 def test_machine_key_names_the_jax_version_and_platform():
     import jax
 
