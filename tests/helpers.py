@@ -194,3 +194,21 @@ def adamw_param_bound(path: str, ref: np.ndarray, nus: list[dict[str, np.ndarray
         moved = np.minimum(2.0, 2 * f32_bound(grad_depth, tokens, g_max) / (size + eps))
         total = total + lr * (np.where(size > 0, moved, 0.0) + f32_bound(ADAMW_OPS, 1))
     return total
+
+
+def random_batches(n: int, size: int, length: int, num_labels: int, vocab: int = 30522,
+                   seed: int = 1234) -> list[dict[str, np.ndarray]]:
+    """Train batches of random tokens with ragged padding, and a few weight-0 (filler) rows spread unevenly over
+    each batch (rows 1, 2 and the last)."""
+    rng = np.random.RandomState(seed)
+    out = []
+    for _ in range(n):
+        lengths = rng.randint(3, length + 1, size)
+        mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32)
+        ids = np.where(mask, rng.randint(1000, vocab, (size, length)), 0).astype(np.int32)
+        ids[:, 0] = 101  # [CLS]
+        weight = np.ones(size, np.float32)
+        weight[[1, 2, size - 1]] = 0.0
+        out.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
+                    "labels": rng.randint(0, num_labels, size).astype(np.int32), "weight": weight})
+    return out

@@ -245,7 +245,8 @@ def _run_case(case: Case, static: Path, run_dir: Path, scratch: Path, model: Pat
 
 @pytest.fixture(scope="session")
 def outcomes(tmp_path_factory, tiny_model_dir, tiny_run) -> dict[str, Outcome]:
-    """Every case, run once, two at a time; a case that names {run} gets a copy of the session's tiny run."""
+    """Every case, run once, two at a time; a case that names {run} gets a copy of the session's tiny run. Over 60 s,
+    charged to the first case that asks: 47 commands, each a process that imports jax (and some load the run)."""
     root = tmp_path_factory.mktemp("bad-inputs")
     static, scratch = root / "world", root / "cases"
     _build_static(static, tiny_model_dir)
@@ -260,6 +261,7 @@ def test_at_least_28_kinds_with_unique_ids():
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(outcomes, case):
+    """The first case takes over 60 s: it waits for the `outcomes` fixture, which runs all 47 commands."""
     out = outcomes[case.id]
     assert out.proc.returncode == 2, out.shown()
     lines = out.proc.stderr.splitlines()

@@ -14,7 +14,7 @@ from flaxclf.losses import LossSpec
 from flaxclf.model import BertClassifier
 from flaxclf.optim import make_optimizer
 from flaxclf.vocab import MULTI, REGRESSION, SINGLE
-from tests.helpers import adamw_param_bound, f32_bound
+from tests.helpers import adamw_param_bound, f32_bound, random_batches
 from tests.torch_ref import needs_torch
 
 N_REAL, N_PAD, C = 12, 5, 3
@@ -164,18 +164,7 @@ def _model(folder):
 
 
 def _batches(n: int, size: int, vocab: int = 30522) -> list[dict[str, np.ndarray]]:
-    rng = np.random.RandomState(1234)
-    out = []
-    for _ in range(n):
-        lengths = rng.randint(3, LENGTH + 1, size)
-        mask = (np.arange(LENGTH)[None, :] < lengths[:, None]).astype(np.int32)
-        ids = np.where(mask, rng.randint(1000, vocab, (size, LENGTH)), 0).astype(np.int32)
-        ids[:, 0] = 101  # [CLS]
-        weight = np.ones(size, np.float32)
-        weight[[1, 2, size - 1]] = 0.0
-        out.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
-                    "labels": rng.randint(0, NUM_LABELS, size).astype(np.int32), "weight": weight})
-    return out
+    return random_batches(n, size, LENGTH, NUM_LABELS, vocab)
 
 
 def _max_diff(a, b) -> float:

@@ -110,8 +110,8 @@ def test_remat_trains_long_inputs_as_the_run_without_it(runs, tmp_path, tiny_mod
     """model.remat=true (layer 0, then layers 1 and 2 as a checkpointed scan, then layer 3) at the checkpoint's
     512 positions: the same losses step by step as the run without remat, the same test accuracy, and an export
     that predicts the same probabilities; the run resumes after a kill -9 as an uninterrupted one (every step
-    logged once), and a run killed without remat resumes with it. Over 60 s: two killed runs and their resumes
-    at 512 tokens, each a fresh process that compiles."""
+    logged once), and a run killed without remat resumes with it. The module's slowest test: two killed runs and
+    their resumes at 512 tokens, each a fresh process that compiles."""
     plain, remat, killed = runs["cls"], runs["remat"], tmp_path / "killed"
     losses = [[r["loss"] for r in records(d) if r["split"] == "train"] for d in (plain, remat)]
     assert len(losses[0]) == 6

@@ -13,7 +13,7 @@ from flaxclf.config import MeshConfig, OptimConfig
 from flaxclf.model import BertClassifier
 from flaxclf.optim import make_optimizer
 from flaxclf.vocab import SINGLE
-from tests.helpers import adamw_param_bound, f32_bound, query_of
+from tests.helpers import adamw_param_bound, f32_bound, query_of, random_batches
 
 NUM_LABELS, LENGTH, SEED = 4, 16, 0
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 4, 2)]  # (data, fsdp, tensor)
@@ -88,21 +88,9 @@ def _tx(total_steps: int = STEPS):
     return make_optimizer(OptimConfig(learning_rate=LEARNING_RATE, warmup_ratio=0.0), total_steps)
 
 
-def _batch(rng: np.random.RandomState, size: int, vocab: int) -> dict[str, np.ndarray]:
-    """Random tokens with ragged padding, and a few weight-0 (filler) rows spread unevenly over the batch."""
-    lengths = rng.randint(3, LENGTH + 1, size)
-    mask = (np.arange(LENGTH)[None, :] < lengths[:, None]).astype(np.int32)
-    ids = np.where(mask, rng.randint(1000, vocab, (size, LENGTH)), 0).astype(np.int32)
-    ids[:, 0] = 101  # [CLS]
-    weight = np.ones(size, np.float32)
-    weight[[1, 2, size - 1]] = 0.0
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
-            "labels": rng.randint(0, NUM_LABELS, size).astype(np.int32), "weight": weight}
-
-
 def _batches(n: int, size: int, vocab: int = 30522) -> list[dict[str, np.ndarray]]:
-    rng = np.random.RandomState(1234)
-    return [_batch(rng, size, vocab) for _ in range(n)]
+    """Random tokens with ragged padding, and a few weight-0 (filler) rows spread unevenly over each batch."""
+    return random_batches(n, size, LENGTH, NUM_LABELS, vocab)
 
 
 @pytest.fixture(scope="module")
