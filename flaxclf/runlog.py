@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +47,8 @@ class RunLog:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, show_progress: bool = True):
         self.active = jax.process_index() == 0
         self.path = run_dir / METRICS_FILE
-        self.bar = self.tb = None
+        self.bar = self.tb = self._handler = None
+        self._bar_args = (total_steps, start_step) if show_progress and self.active else None
         if not self.active:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -53,10 +56,25 @@ class RunLog:
         SummaryWriter = _summary_writer_class()
         # purge_step hides events a previous attempt wrote after the checkpoint we resumed from.
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
-        if show_progress:
-            from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+    def _open_bar(self) -> None:
+        """The progress bar, from the first step on (what is said before training is plain lines), with the
+        process's log records routed through it while it is drawn, so that no line lands on the bar's line."""
+        from tqdm.auto import tqdm
+
+        total, start = self._bar_args
+        self._bar_args = None
+        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+        self._handler = _BarHandler(self.bar)
+        root = logging.getLogger()
+        for h in root.handlers:
+            if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr):
+                self._handler.setFormatter(h.formatter)
+                self._handler.setLevel(h.level)
+                self._handler.replaced.append(h)
+                root.removeHandler(h)
+        if self._handler.replaced:
+            root.addHandler(self._handler)
 
     def write(self, record: dict) -> None:
         if not self.active:
@@ -70,6 +88,8 @@ class RunLog:
         self.tb.flush()
 
     def progress(self, step: int, **postfix: Any) -> None:
+        if self._bar_args is not None:
+            self._open_bar()
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()},
@@ -80,14 +100,39 @@ class RunLog:
         if self.active:
             (self.bar.write if self.bar is not None else print)(text)
 
-    def close(self) -> None:
-        """Idempotent: a run that fails closes its log on the way out, after a preempted one already did."""
+    def end_progress(self) -> None:
+        """Draws the bar's final state once and puts the log handlers back: what follows is plain lines."""
+        self._bar_args = None
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        if self._handler is not None:
+            root = logging.getLogger()
+            root.removeHandler(self._handler)
+            for h in self._handler.replaced:
+                root.addHandler(h)
+            self._handler = None
+
+    def close(self) -> None:
+        """Idempotent: a run that fails closes its log on the way out, after a preempted one already did."""
+        self.end_progress()
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+
+
+class _BarHandler(logging.Handler):
+    """Writes log records above the progress bar (tqdm.write), in place of the stream handlers it replaced."""
+
+    def __init__(self, bar: Any):
+        super().__init__()
+        self.bar, self.replaced = bar, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.bar.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging's own contract: a failing handler reports, never raises
+            self.handleError(record)
 
 
 def _summary_writer_class() -> type:
@@ -95,8 +140,6 @@ def _summary_writer_class() -> type:
     (for its graph and video helpers, which flaxclf does not use), and that costs a training run over a second of
     start-up and hundreds of MB. A None entry in sys.modules makes its `import torch` fail as if torch were absent;
     the entry is put back as it was."""
-    import sys
-
     if "tensorboardX" in sys.modules or "torch" in sys.modules:
         from tensorboardX import SummaryWriter
 

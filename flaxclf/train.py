@@ -475,6 +475,7 @@ def run(cfg: RunConfig, show_progress: bool = True, clock: timing.Clock | None =
     try:
         with _Signals() as signals:
             train_loop(job, log, signals, clock)
+        log.end_progress()  # the bar's last state once, then the end of the run as plain lines
         summary = finish(job, log, clock)
     except BaseException:
         # tensorboardX's writer thread, left open, fails (and prints) at interpreter exit on Python 3.12.

@@ -7,6 +7,7 @@ session's tiny run (conftest.tiny_run)."""
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -235,3 +236,63 @@ def test_predict_from_stdin_and_from_a_file_agree(tiny_run, tmp_path):
     from_stdin = ok(flaxclf("predict", tiny_run, "-", "--no-progress", stdin="\n".join(texts) + "\n"))
     assert from_file.stdout == from_stdin.stdout
     assert len(from_file.stdout.strip().splitlines()) == 1 + 4  # header + the non-blank lines
+
+
+# ---------------------------------------------------------------------------------------------- the console
+
+
+_BAR = re.compile(r"\d+/\d+ \[")  # tqdm's "3/4 [00:01<00:00, ..."
+
+
+def _visible(raw: str) -> list[str]:
+    """What a terminal shows of a stream: each line is what its last carriage return left (bar redraws and
+    tqdm's blank-outs collapse), blank lines dropped."""
+    lines = [line.rsplit("\r", 1)[-1].rstrip() for line in raw.replace("\r\n", "\n").split("\n")]
+    return [line for line in lines if line.strip()]
+
+
+def test_progress_bar_and_lines_in_a_terminal_and_in_a_file(tiny_model_dir, tmp_path):
+    """With the bar on: in a terminal (a pty) every line said or logged is a line of its own, the bar's last state
+    comes once, before the end-of-run summary, and nothing of the bar is drawn after it; in a file (stdout and
+    stderr into one, as `make train > log 2>&1`), the lines said before training carry no bar, and no bar follows
+    the summary either."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    args = [a for a in train_args(tiny_model_dir, tmp_path / "tty", "train.max_steps=4", "train.eval_every=2",
+                                  "data.buckets=[32]") if a != "--no-progress"]
+    main, sub = pty.openpty()
+    fcntl.ioctl(sub, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 rows of 120 columns
+    p = subprocess.Popen(command(*args), stdin=subprocess.DEVNULL, stdout=sub, stderr=sub, env=child_env())
+    os.close(sub)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main)
+    assert p.wait(timeout=600) == 0, b"".join(chunks)[-3000:]
+    shown = _visible(b"".join(chunks).decode())
+    done = next(i for i, line in enumerate(shown) if line.startswith("done: 4 steps"))
+    bars = [i for i, line in enumerate(shown) if _BAR.search(line)]
+    assert bars and max(bars) < done, shown  # nothing of the bar after the summary
+    assert [line for line in shown if "4/4 [" in line] == [shown[max(bars)]], shown  # its last state, once
+    for said in ("training 4 steps from step 0", "step 2 validation:", "step 4 validation:"):
+        assert any(line.startswith(said) for line in shown), (said, shown)
+    assert not [line for line in shown if _BAR.search(line) and ("validation" in line or "training" in line)]
+
+    log = tmp_path / "log"
+    with log.open("w") as f:
+        ok(subprocess.run(command(*[a.replace("/tty", "/file") for a in map(str, args)]), stdout=f, stderr=f,
+                          env=child_env(), timeout=600, text=True))
+    raw = log.read_text()
+    before, after = raw.split("done: 4 steps", 1)
+    assert not _BAR.search(after) and "\r" not in after
+    (training,) = [line for line in raw.split("\n") if "training 4 steps from step 0" in line]
+    assert training.startswith("training 4 steps"), repr(training)  # said before the bar is drawn
