@@ -365,16 +365,14 @@ def _compilation(args: argparse.Namespace):
     """JAX's persistent compilation cache for a command that compiles, so that the second evaluate or predict of a
     run compiles nothing: a run directory's own train.compilation_cache settings, else flaxclf's cache folder.
     With --verbose, says on stderr how many executables the command used and how many came from the cache."""
-    from flaxclf import assets, compilation, predict, timing
+    from flaxclf import compilation, predict, timing
+    from flaxclf.config import TrainConfig
 
-    root, on = assets.cache_root() / "xla", True
-    if predict.is_run_dir(args.model) and (Path(args.model).expanduser() / "config.yaml").is_file():
+    train_cfg = TrainConfig()  # flaxclf's cache folder, for an HF folder or a packaged name
+    if predict.is_run_dir(args.model):
         with contextlib.suppress(Exception):  # an unreadable config.yaml is the command's own error to report
             train_cfg = predict.run_config(Path(args.model).expanduser()).train
-            on = train_cfg.compilation_cache
-            root = Path(train_cfg.compilation_cache_dir) if train_cfg.compilation_cache_dir else root
-    if on:
-        compilation.enable_cache(root)
+    compilation.enable_configured_cache(train_cfg)
     timing.listen()
     before = timing.compile_totals()
     yield

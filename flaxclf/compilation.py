@@ -86,6 +86,16 @@ def enable_cache(root: Path) -> Path | None:
     return path
 
 
+def enable_configured_cache(train_cfg: Any) -> Path | None:
+    """The cache a run's train settings ask for (train.compilation_cache, train.compilation_cache_dir, else
+    flaxclf's cache folder): `flaxclf train` and the commands that load a run enable the same one."""
+    if not train_cfg.compilation_cache:
+        return None
+    from flaxclf import assets
+
+    return enable_cache(Path(train_cfg.compilation_cache_dir or assets.cache_root() / "xla"))
+
+
 def trim_cache(path: Path, max_bytes: int) -> None:
     """Deletes JAX's cache entries in `path`, the least recently used first, until the rest fit in max_bytes
     (their access times; the bookkeeping files of JAX's own eviction go with them)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import sys
@@ -47,7 +46,7 @@ class RunLog:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, show_progress: bool = True):
         self.active = jax.process_index() == 0
         self.path = run_dir / METRICS_FILE
-        self.bar = self.tb = self._handler = None
+        self.bar = self.tb = self._redirect = None
         self._bar_args = (total_steps, start_step) if show_progress and self.active else None
         if not self.active:
             return
@@ -61,20 +60,13 @@ class RunLog:
         """The progress bar, from the first step on (what is said before training is plain lines), with the
         process's log records routed through it while it is drawn, so that no line lands on the bar's line."""
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         total, start = self._bar_args
         self._bar_args = None
         self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-        self._handler = _BarHandler(self.bar)
-        root = logging.getLogger()
-        for h in root.handlers:
-            if isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr):
-                self._handler.setFormatter(h.formatter)
-                self._handler.setLevel(h.level)
-                self._handler.replaced.append(h)
-                root.removeHandler(h)
-        if self._handler.replaced:
-            root.addHandler(self._handler)
+        self._redirect = logging_redirect_tqdm(tqdm_class=type(self.bar))
+        self._redirect.__enter__()
 
     def write(self, record: dict) -> None:
         if not self.active:
@@ -106,12 +98,9 @@ class RunLog:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if self._handler is not None:
-            root = logging.getLogger()
-            root.removeHandler(self._handler)
-            for h in self._handler.replaced:
-                root.addHandler(h)
-            self._handler = None
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
 
     def close(self) -> None:
         """Idempotent: a run that fails closes its log on the way out, after a preempted one already did."""
@@ -119,20 +108,6 @@ class RunLog:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
-
-
-class _BarHandler(logging.Handler):
-    """Writes log records above the progress bar (tqdm.write), in place of the stream handlers it replaced."""
-
-    def __init__(self, bar: Any):
-        super().__init__()
-        self.bar, self.replaced = bar, []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.bar.write(self.format(record), file=sys.stderr)
-        except Exception:  # noqa: BLE001 - logging's own contract: a failing handler reports, never raises
-            self.handleError(record)
 
 
 def _summary_writer_class() -> type:
@@ -150,4 +125,3 @@ def _summary_writer_class() -> type:
     finally:
         del sys.modules["torch"]
     return SummaryWriter
-

@@ -151,9 +151,7 @@ def setup(cfg: RunConfig, clock: timing.Clock | None = None) -> Job:
     with clock.phase("startup"):
         distributed.initialize(cfg.distributed)
         mesh = sharding.make_mesh(cfg.mesh)
-        cache_dir = None
-        if cfg.train.compilation_cache:
-            cache_dir = compilation.enable_cache(Path(cfg.train.compilation_cache_dir or assets.cache_root() / "xla"))
+        cache_dir = compilation.enable_configured_cache(cfg.train)
     with clock.phase("data"):
         model_dir = assets.resolve_model(cfg.model.name)
         task, splits = data.load_task(cfg.data, model_dir, train_batch_size=cfg.train.global_batch_size)

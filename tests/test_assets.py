@@ -23,7 +23,7 @@ def real_downloads() -> Path:
     again only when missing or not the pinned file. A file lock keeps two workers from fetching side by side."""
     from filelock import FileLock
 
-    from tests.conftest import TEST_CACHE
+    from tests.helpers import TEST_CACHE
 
     folder = TEST_CACHE / "downloads"
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,6 @@
 """Where a run's time goes, and the compilation that used to take much of it: the steps compiled ahead for only
 the shapes the run uses, and JAX's persistent compilation cache, walked through the real `flaxclf train`."""
 
-import json
 import os
 import re
 import shutil
@@ -12,13 +11,9 @@ import pytest
 
 from flaxclf import compilation, data, timing, train
 from flaxclf.config import load_config
-from tests.helpers import ROOT, child_env, flaxclf, ok, same_weights, train_args
+from tests.helpers import ROOT, child_env, flaxclf, ok, same_weights, summary, train_args
 
 pytestmark = pytest.mark.journey
-
-
-def _summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
 
 
 def _cache_files(folder: Path) -> list[Path]:
@@ -53,7 +48,7 @@ def cached_runs(tmp_path_factory, tiny_model_dir) -> dict:
 
 
 def test_the_breakdown_adds_up_to_the_wall_time(cached_runs):
-    t = _summary(cached_runs["first"])["time"]
+    t = summary(cached_runs["first"])["time"]
     assert list(t["phases_s"]) == list(timing.PHASES)
     assert sum(t["phases_s"].values()) == pytest.approx(t["wall_s"], abs=0.01)
     for phase in ("startup", "model", "compile", "train", "evaluate", "checkpoint", "export"):
@@ -68,7 +63,7 @@ def test_the_breakdown_adds_up_to_the_wall_time(cached_runs):
     assert sum(rises.values()) == pytest.approx(t["peak_rss_gb"], abs=0.01)  # the rises add up to the peak
     assert "peak memory " in cached_runs["stdout"]["first"] and "startup +" in cached_runs["stdout"]["first"]
     # The flaxclf command keeps freed memory, capped at one step's working set by default.
-    cap = _summary(cached_runs["first"])["host_memory"]
+    cap = summary(cached_runs["first"])["host_memory"]
     assert cap["cap_gb"] > 0.2 and cap["trims"] >= 0
     # The line shows the cap to 2 places and the summary keeps 3: 0.6849 GB reads "0.68", while 0.685 would read
     # "0.69", so compare the numbers, not a string built from the rounded one.
@@ -92,7 +87,7 @@ def test_the_peak_memory_rise_is_charged_to_the_phase_that_allocated():
 
 
 def test_a_second_run_reads_every_executable_from_the_cache_and_trains_the_same(cached_runs):
-    first, second = (_summary(cached_runs[k])["time"]["compilation"] for k in ("first", "second"))
+    first, second = (summary(cached_runs[k])["time"]["compilation"] for k in ("first", "second"))
     assert first["cache_hits"] == 0 and first["compiles"] > 0 and first["load_s"] == 0
     assert second["compiles"] == first["compiles"]
     assert second["cache_hits"] == second["compiles"]  # nothing compiled afresh
@@ -102,7 +97,7 @@ def test_a_second_run_reads_every_executable_from_the_cache_and_trains_the_same(
     assert second["traces"] == first["traces"] - len(cached_runs["steps_saved"])
     assert "read from the compilation cache" in cached_runs["stdout"]["second"]
     same_weights(cached_runs["first"] / "export", cached_runs["second"] / "export")
-    assert _summary(cached_runs["first"])["test"] == _summary(cached_runs["second"])["test"]
+    assert summary(cached_runs["first"])["test"] == summary(cached_runs["second"])["test"]
     # one folder per jax version and machine, holding the executables
     (machine,) = [p.name for p in cached_runs["cache"].iterdir()]
     assert machine.startswith("jax") and len(cached_runs["files"]) >= first["compiles"]
@@ -111,17 +106,17 @@ def test_a_second_run_reads_every_executable_from_the_cache_and_trains_the_same(
 def test_executables_read_from_jax_cache_are_not_saved_as_steps_and_change_nothing(cached_runs):
     # XLA:CPU re-serializes an executable it deserialized without some of its functions; a step saved from
     # one failed when run ("Function ... not found"). So only fresh compiles are saved.
-    third = _summary(cached_runs["third"])["time"]["compilation"]
+    third = summary(cached_runs["third"])["time"]["compilation"]
     assert third["cache_hits"] == third["compiles"] and third["load_s"] == 0
     assert cached_runs["steps_after_third"] == []
     same_weights(cached_runs["first"] / "export", cached_runs["third"] / "export")
 
 
 def test_truncated_cache_entries_are_compiled_again_and_change_nothing(cached_runs):
-    fourth = _summary(cached_runs["fourth"])["time"]["compilation"]
+    fourth = summary(cached_runs["fourth"])["time"]["compilation"]
     assert fourth["cache_hits"] == 0 and fourth["compiles"] > 0
     same_weights(cached_runs["first"] / "export", cached_runs["fourth"] / "export")
-    assert _summary(cached_runs["first"])["test"] == _summary(cached_runs["fourth"])["test"]
+    assert summary(cached_runs["first"])["test"] == summary(cached_runs["fourth"])["test"]
     assert len(cached_runs["steps_after_fourth"]) >= 2  # the fresh compiles were saved again, whole
 
 
@@ -131,7 +126,7 @@ def test_an_unwritable_cache_folder_turns_the_cache_off_and_the_run_goes_on(tmp_
     p = ok(flaxclf(*train_args(tiny_model_dir, tmp_path / "run", "train.max_steps=2",
                                  f"train.compilation_cache_dir={blocker / 'xla'}")))
     assert "compilation cache off: can't create" in p.stderr and "train.compilation_cache_dir" in p.stderr
-    assert _summary(tmp_path / "run")["time"]["compilation"]["cache_hits"] == 0
+    assert summary(tmp_path / "run")["time"]["compilation"]["cache_hits"] == 0
 
 
 def test_a_resumed_run_with_another_max_steps_reads_its_steps_from_the_cache(tmp_path, tiny_model_dir):
@@ -145,9 +140,9 @@ def test_a_resumed_run_with_another_max_steps_reads_its_steps_from_the_cache(tmp
     (steps,) = cache.glob("*/steps")
     saved = sorted(steps.iterdir())
     again = ok(flaxclf(*train_args(tiny_model_dir, run_dir, "train.max_steps=4", *args)))
-    assert "resumed from" in again.stdout and _summary(run_dir)["steps"] == 4
+    assert "resumed from" in again.stdout and summary(run_dir)["steps"] == 4
     assert sorted(steps.iterdir()) == saved  # nothing compiled anew to save
-    compiled = _summary(run_dir)["time"]["compilation"]
+    compiled = summary(run_dir)["time"]["compilation"]
     assert compiled["step_loads"] == len(saved) == 2  # the train step and the eval step, both read whole
 
 
