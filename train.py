@@ -1,6 +1,6 @@
 """Fine-tune a BERT classifier: `python train.py [--config configs/NAME.yaml] [key=value ...]`.
 
-Intentionally thin: the logic lives in flaxclf (flaxclf.cli, flaxclf.train). Equivalent to `flaxclf train`.
+Intentionally thin: the logic lives in flaxclf (flaxclf.cli, flaxclf.training.loop). Equivalent to `flaxclf train`.
 """
 
 import sys

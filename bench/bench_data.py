@@ -64,17 +64,20 @@ def step_examples_per_s(global_batch_size: int = 32, length: int = 32, steps: in
     """Median examples/s of the job's jitted train step on MiniLM-L6 at [global_batch_size, length]."""
     import jax.numpy as jnp
 
-    from flaxclf import optim, sharding, weights
-    from flaxclf import steps as st
     from flaxclf.config import MeshConfig, OptimConfig
-    from flaxclf.model import BertClassifier
-    from flaxclf.vocab import SINGLE
+    from flaxclf.hf import weights
+    from flaxclf.models.bert import BertClassifier
+    from flaxclf.models.bert.families import decays as bert_decays
+    from flaxclf.options import SINGLE
+    from flaxclf.runtime import sharding
+    from flaxclf.training import optim
+    from flaxclf.training import steps as st
 
     folder = assets.resolve_model("minilm-l6")
     model = BertClassifier(weights.classifier_config(folder, num_labels=4, problem_type=SINGLE))
     mesh = sharding.make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    tx = optim.make_optimizer(OptimConfig(), 10_000)
-    shardings = st.state_shardings(st.abstract_state(model, tx, jnp.float32), mesh)
+    tx = optim.make_optimizer(OptimConfig(), 10_000, bert_decays)
+    shardings = st.state_shardings(st.abstract_state(model, tx, jnp.float32), mesh, model)
     state = st.create_state(weights.load_params(model, folder, jax.random.PRNGKey(0)), tx, shardings, 0)
     train, _ = st.compile_steps(model, tx, SINGLE, 1, mesh, shardings)
     rng = np.random.default_rng(0)

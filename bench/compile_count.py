@@ -2,7 +2,7 @@
 
 A real epoch: rt-snippets-4way tokenized by MiniLM's tokenizer, data.buckets at the default
 ([16, 24, 32, 40, 48, 64, 128], max_length 128), global batch 32, flaxclf.data.TrainBatches on a 1-device mesh,
-the step from flaxclf.steps.compile_steps. The count comes from two independent sources that must agree: jax's
+the step from flaxclf.training.steps.compile_steps. The count comes from two independent sources that must agree: jax's
 backend-compile events (jax.monitoring, each with its duration) and the jitted step's own cache size. The goal:
 compilations == the number of distinct bucket lengths the epoch used.
 
@@ -23,13 +23,16 @@ import jax
 import jax.numpy as jnp
 from jax._src.dispatch import BACKEND_COMPILE_EVENT
 
-from flaxclf import assets, data, sharding, steps
-from flaxclf.backbone import BertSpec
+from flaxclf import assets, data
 from flaxclf.config import DataConfig, MeshConfig, OptimConfig
-from flaxclf.model import BertClassifier, ClassifierConfig, init_params
-from flaxclf.optim import make_optimizer
-from flaxclf.vocab import SINGLE
-from flaxclf.weights import from_pretrained
+from flaxclf.hf.weights import from_pretrained
+from flaxclf.models.bert import BertClassifier, BertSpec
+from flaxclf.models.bert.families import decays as bert_decays
+from flaxclf.models.classifier import ClassifierConfig, init_params
+from flaxclf.options import SINGLE
+from flaxclf.runtime import sharding
+from flaxclf.training import steps
+from flaxclf.training.optim import make_optimizer
 
 _compiles: list[tuple[str, float]] = []
 
@@ -60,8 +63,8 @@ def count_epoch(model_name: str = "tiny", buckets: tuple[int, ...] = tuple(DataC
     batches = data.TrainBatches(splits["train"], global_batch, cfg.buckets, seed=0,
                                 sharding=sharding.batch_sharding(mesh), num_epochs=1)
     total = batches.steps_per_epoch if max_steps is None else min(max_steps, batches.steps_per_epoch)
-    tx = make_optimizer(OptimConfig(), total)
-    shardings = steps.state_shardings(steps.abstract_state(model, tx, jnp.float32), mesh)
+    tx = make_optimizer(OptimConfig(), total, bert_decays)
+    shardings = steps.state_shardings(steps.abstract_state(model, tx, jnp.float32), mesh, model)
     train, _ = steps.compile_steps(model, tx, SINGLE, 1, mesh, shardings)
     state = steps.create_state(jax.device_get(params), tx, shardings, seed=0)
     del _compiles[:]

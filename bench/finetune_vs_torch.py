@@ -18,7 +18,7 @@ and three flaxclf runs of the real `flaxclf train` command, each into a fresh ru
     .venv/bin/python bench/finetune_vs_torch.py --systems flaxclf,torch_grouped
 Every system runs as a whole process, one after the other, timed from its start to its exit (imports
 included), with its peak RSS (getrusage of the finished child). Both use the machine's cores as they come
-(torch: torch.get_num_threads()); the torch processes call flaxclf.hostmem.keep_freed_memory() as the flaxclf
+(torch: torch.get_num_threads()); the torch processes call flaxclf.runtime.hostmem.keep_freed_memory() as the flaxclf
 command does. Prints one JSON line per system, then one with the ratios.
 """
 
@@ -60,8 +60,8 @@ def torch_reference(config: str, overrides: list[str], grouped: bool, bf16: bool
     import transformers
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    from flaxclf import metrics
     from flaxclf.config import load_config
+    from flaxclf.training import metrics
 
     cfg = load_config(config, overrides)
     model_dir, task, splits = _splits(cfg)
@@ -196,7 +196,7 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="config overrides for every system (key=value)")
     a = p.parse_args()
     if a.only:
-        from flaxclf.hostmem import keep_freed_memory
+        from flaxclf.runtime.hostmem import keep_freed_memory
 
         keep_freed_memory()
         print(json.dumps(torch_reference(a.config, a.overrides, grouped=a.only != "torch",

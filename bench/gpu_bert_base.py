@@ -3,7 +3,7 @@ autocast, each at the largest batch that fits, in examples/s and MFU.
 
 Model: BERT-base from BertConfig() with random weights (the GPU machine has no internet, so no checkpoint is
 fetched; speed does not depend on the values), 4 labels, length 128, dropout on, global-norm clipping 1.0,
-AdamW. flaxclf: the job's own step (flaxclf.steps.compile_steps, 1-device mesh, fast_bert backbone,
+AdamW. flaxclf: the job's own step (flaxclf.training.steps.compile_steps, 1-device mesh, fast_bert backbone,
 dtype=bfloat16). PyTorch: transformers' BertForSequenceClassification (SDPA attention), torch.autocast(bf16),
 fused AdamW when CUDA is there, clip_grad_norm_.
 
@@ -42,9 +42,9 @@ import step_vs_torch as svt  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from flaxclf.backbone import BertSpec  # noqa: E402
-from flaxclf.model import BertClassifier, ClassifierConfig, init_params  # noqa: E402
-from flaxclf.vocab import SINGLE  # noqa: E402
+from flaxclf.models.bert import BertClassifier, BertSpec
+from flaxclf.models.classifier import ClassifierConfig, init_params
+from flaxclf.options import SINGLE  # noqa: E402
 
 FLOP_PER_SEQ_128 = 67.6e9  # NOTES.md, BERT-base at length 128
 

@@ -63,7 +63,7 @@ def attention(batch: int, reps: int, heads: int = 12, length: int = 128, dh: int
     def softmax_matmul(q, k, v, b):  # FlaxBertSelfAttention's formulation (transposes aside)
         return jnp.matmul(jax.nn.softmax(jnp.matmul(q, jnp.swapaxes(k, -1, -2)) + b), v)
 
-    def exp_matmul_divide(q, k, v, b):  # flaxclf.fast_bert without dropout
+    def exp_matmul_divide(q, k, v, b):  # flaxclf.models.bert.encoder without dropout
         s = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) + b
         e = jnp.exp(s - s.max(-1, keepdims=True))
         return jnp.matmul(e, v) / e.sum(-1, keepdims=True)

@@ -1,7 +1,7 @@
 """Memory and step time as the job scales: FSDP sharding of BERT-base's state, then length and batch sweeps.
 
 Part 1 (8 fake CPU devices, mesh data=1, fsdp=8, tensor=1): BERT-base (BertConfig() defaults, 4 labels) params +
-AdamW state per device, summed from the shard shapes of the state's NamedShardings (flaxclf.sharding rules),
+AdamW state per device, summed from the shard shapes of the state's NamedShardings (flaxclf.runtime.sharding rules),
 against the unsharded total; the goal is per-device <= total / 8 + 10%. With --compiled the same ratio comes from
 XLA: the train step is compiled on the fsdp mesh and on one device, and the state's bytes per device are
 memory_analysis()'s argument bytes less the batch's (temporaries and outputs printed too; a few minutes on this
@@ -32,12 +32,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from flaxclf import sharding, steps  # noqa: E402
-from flaxclf.backbone import BertSpec  # noqa: E402
 from flaxclf.config import MeshConfig, OptimConfig  # noqa: E402
-from flaxclf.model import BertClassifier, ClassifierConfig  # noqa: E402
-from flaxclf.optim import make_optimizer  # noqa: E402
-from flaxclf.vocab import SINGLE  # noqa: E402
+from flaxclf.models.bert import BertClassifier, BertSpec
+from flaxclf.models.bert.families import decays as bert_decays  # noqa: E402
+from flaxclf.models.classifier import ClassifierConfig
+from flaxclf.options import SINGLE  # noqa: E402
+from flaxclf.runtime import sharding
+from flaxclf.training import steps  # noqa: E402
+from flaxclf.training.optim import make_optimizer  # noqa: E402
 
 
 def _bytes(x) -> int:
@@ -67,7 +69,7 @@ def _against_goal(per_device: int, whole: int, fsdp: int) -> dict:
 def _compiled_state_bytes(model, tx, abstract, mesh: jax.sharding.Mesh, batch: int, length: int) -> dict:
     """The sharded train step compiled on `mesh`: its memory_analysis() per device, and the bytes of its
     state argument (params + AdamW state + step + rng) = all arguments less the batch's shard."""
-    shard = steps.state_shardings(abstract, mesh)
+    shard = steps.state_shardings(abstract, mesh, model)
     train, _ = steps.compile_steps(model, tx, SINGLE, 1, mesh, shard)
     sds = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shard)
     batch_sds = _batch_abstract(batch, length, sharding.batch_sharding(mesh))
@@ -82,10 +84,10 @@ def _compiled_state_bytes(model, tx, abstract, mesh: jax.sharding.Mesh, batch: i
 
 def fsdp_memory(fsdp: int = 8, compiled: bool = False, batch: int = 32, length: int = 128) -> dict:
     model = BertClassifier(ClassifierConfig(backbone=BertSpec(), num_labels=4, problem_type=SINGLE))
-    tx = make_optimizer(OptimConfig(), 1000)
+    tx = make_optimizer(OptimConfig(), 1000, bert_decays)
     abstract = steps.abstract_state(model, tx, jnp.float32)
     mesh = sharding.make_mesh(MeshConfig(1, fsdp, 1), devices=jax.devices()[:fsdp])
-    shard = steps.state_shardings(abstract, mesh)
+    shard = steps.state_shardings(abstract, mesh, model)
     state_leaves = {"params": (abstract.params, shard.params), "opt_state": (abstract.opt_state, shard.opt_state)}
     out = {"model": "bert-base (BertConfig())", "mesh": {"data": 1, "fsdp": fsdp, "tensor": 1}}
     full = per_dev = 0
@@ -111,10 +113,10 @@ def fsdp_memory(fsdp: int = 8, compiled: bool = False, batch: int = 32, length: 
 
 
 def _step_time_and_memory(model: BertClassifier, batch: int, length: int, reps: int) -> dict:
-    tx = make_optimizer(OptimConfig(), 1000)
+    tx = make_optimizer(OptimConfig(), 1000, bert_decays)
     mesh = sharding.make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     abstract = steps.abstract_state(model, tx, jnp.float32)
-    shard = steps.state_shardings(abstract, mesh)
+    shard = steps.state_shardings(abstract, mesh, model)
     train, _ = steps.compile_steps(model, tx, SINGLE, 1, mesh, shard)
     params = jax.jit(model.init, out_shardings=shard.params)(jax.random.PRNGKey(0), **{
         k: jnp.zeros((1, 8), jnp.int32) for k in ("input_ids", "attention_mask", "token_type_ids")})

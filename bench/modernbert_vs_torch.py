@@ -8,9 +8,9 @@ GeGLU 1152, a global layer every 3, local window 128, 8,192 positions), 2 labels
 wants ~22 GB of activations in flaxclf (XLA: "Out of memory allocating 21661517252 bytes" at 16 x 512), more than
 this machine has; those lengths time `--reps-long` calls.
 
-  flaxclf  the job's jitted train step (flaxclf.steps.compile_steps on one device: dropout, forward, backward,
+  flaxclf  the job's jitted train step (flaxclf.training.steps.compile_steps on one device: dropout, forward, backward,
            clipping 1.0, masked AdamW) and eval step; global layers a block of 512 queries at a time (recomputed
-           in the backward pass), local layers banded (flaxclf.modernbert)
+           in the backward pass), local layers banded (flaxclf.models.modernbert)
   torch    ModernBertForSequenceClassification, torch eager, transformers' default attention for it (reported),
            AdamW, clip_grad_norm_(1.0); inference under torch.inference_mode()
 
@@ -60,20 +60,23 @@ def flaxclf_calls(what: str, rows: int, length: int, remat: bool):
     import jax.numpy as jnp
     import numpy as np
 
-    from flaxclf import hostmem, sharding, steps
     from flaxclf.config import MeshConfig, OptimConfig
-    from flaxclf.model import ClassifierConfig, init_params, make_classifier
-    from flaxclf.modernbert import ModernBertSpec
-    from flaxclf.optim import make_optimizer
-    from flaxclf.vocab import SINGLE
+    from flaxclf.models.classifier import ClassifierConfig, init_params, make_classifier
+    from flaxclf.models.modernbert import ModernBertSpec
+    from flaxclf.models.modernbert.family import decays as modernbert_decays
+    from flaxclf.options import SINGLE
+    from flaxclf.runtime import hostmem, sharding
+    from flaxclf.training import steps
+    from flaxclf.training.optim import make_optimizer
 
     hostmem.keep_freed_memory()  # as the flaxclf command runs
     spec = ModernBertSpec(**_config())
     model = make_classifier(ClassifierConfig(backbone=spec, num_labels=NUM_LABELS, problem_type=SINGLE), remat=remat)
     params = jax.device_get(init_params(model, jax.random.PRNGKey(0)))
     mesh = sharding.make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    tx = make_optimizer(OptimConfig(learning_rate=5e-5, weight_decay=0.01, max_grad_norm=1.0), 10_000)
-    shardings = steps.state_shardings(steps.abstract_state(model, tx, jnp.float32), mesh)
+    tx = make_optimizer(OptimConfig(learning_rate=5e-5, weight_decay=0.01, max_grad_norm=1.0), 10_000,
+                        modernbert_decays)
+    shardings = steps.state_shardings(steps.abstract_state(model, tx, jnp.float32), mesh, model)
     train, evaluate = steps.compile_steps(model, tx, SINGLE, 1, mesh, shardings)
     b = jax.device_put({k: jnp.asarray(v) for k, v in _batch(rows, length, spec.vocab_size).items()},
                        sharding.batch_sharding(mesh))
@@ -102,7 +105,7 @@ def torch_calls(what: str, rows: int, length: int, remat: bool):
     import torch
     import transformers
 
-    from flaxclf import hostmem
+    from flaxclf.runtime import hostmem
 
     hostmem.keep_freed_memory()
     torch.manual_seed(0)

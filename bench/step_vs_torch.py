@@ -1,15 +1,15 @@
 """One training step and one inference batch of flaxclf next to PyTorch, in one process, interleaved.
 
-flaxclf: the job's own jitted step (flaxclf.steps.compile_steps on a 1-device mesh: dropout, forward, backward,
+flaxclf: the job's own jitted step (flaxclf.training.steps.compile_steps on a 1-device mesh: dropout, forward, backward,
 global-norm clipping 1.0, masked AdamW; the state donated) and its jitted eval step. PyTorch reference:
 transformers' BertForSequenceClassification, torch eager (its default attention, SDPA), the same weights (the
-flaxclf params exported with flaxclf.weights.to_pt_state), the same batch, AdamW (decay without biases and
+flaxclf params exported with flaxclf.hf.weights.to_pt_state), the same batch, AdamW (decay without biases and
 LayerNorm), clip_grad_norm_(1.0), dropout on. Both use every core (XLA's pool; torch.get_num_threads()).
 
 Timing: `--reps` rounds; each round times one call of every system in turn (so drifting load from other
 processes hits all of them alike), after a warm-up call each. Figures are medians of examples/s over rounds,
 and each ratio is the median of the per-round ratios against torch. Only the ratios mean anything on a shared
-machine. The process runs with flaxclf.hostmem.keep_freed_memory(), as the `flaxclf` command and train.py do,
+machine. The process runs with flaxclf.runtime.hostmem.keep_freed_memory(), as the `flaxclf` command and train.py do,
 and so do torch's calls in it: without it each flaxclf step page-faulted its 1.5 GB of temporaries afresh.
 
     .venv/bin/python bench/step_vs_torch.py                      # train 32x128 and infer 64x128, fp32
@@ -17,7 +17,7 @@ and so do torch's calls in it: without it each flaxclf step page-faulted its 1.5
     .venv/bin/python bench/step_vs_torch.py --systems fast,hf,bf16,torch   # + HF's Flax module, bf16 opt-in
     .venv/bin/python bench/step_vs_torch.py --profile            # per-op time tables (XLA thunks, torch ops)
 
-Systems: fast = flaxclf's default backbone (model.impl=fast, flaxclf.fast_bert: FlaxBertModule's params and
+Systems: fast = flaxclf's default backbone (model.impl=fast, flaxclf.models.bert.encoder: FlaxBertModule's params and
 math in another layout, [CLS]-only last layer, fp32); hf = model.impl=hf (transformers' FlaxBertModule, fp32);
 bf16 = fast with model.dtype=bfloat16 (opt-in mixed precision: bf16 matmul inputs, fp32 accumulation and
 everything else fp32, fp32 params); torch = the reference (fp32); torch_bf16 = the reference under
@@ -37,7 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from flaxclf.hostmem import keep_freed_memory
+from flaxclf.runtime.hostmem import keep_freed_memory
 
 # As the flaxclf command does, before any computation; torch shares the process and so the setting (it had
 # ~70k page faults a step without it, and none with it).
@@ -49,12 +49,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from flaxclf import sharding, steps  # noqa: E402
 from flaxclf.config import MeshConfig, OptimConfig  # noqa: E402
-from flaxclf.model import BertClassifier  # noqa: E402
-from flaxclf.optim import make_optimizer  # noqa: E402
-from flaxclf.vocab import SINGLE  # noqa: E402
-from flaxclf.weights import from_pretrained, to_pt_state  # noqa: E402
+from flaxclf.hf.weights import from_pretrained, to_pt_state  # noqa: E402
+from flaxclf.models.bert import BertClassifier  # noqa: E402
+from flaxclf.models.bert.families import decays as bert_decays  # noqa: E402
+from flaxclf.options import SINGLE  # noqa: E402
+from flaxclf.runtime import sharding  # noqa: E402
+from flaxclf.training import steps  # noqa: E402
+from flaxclf.training.optim import make_optimizer  # noqa: E402
 
 NUM_LABELS = 4
 
@@ -110,8 +112,9 @@ def flax_fns(model: BertClassifier, params: dict, train_b: dict, infer_b: dict,
              total_steps: int = 10_000) -> tuple[Callable[[], None], Callable[[], None], dict]:
     """The job's jitted train and eval steps on one device, as closures that wait for their results."""
     mesh = sharding.make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    tx = make_optimizer(OptimConfig(learning_rate=5e-5, weight_decay=0.01, max_grad_norm=1.0), total_steps)
-    shardings = steps.state_shardings(steps.abstract_state(model, tx, jnp.float32), mesh)
+    tx = make_optimizer(OptimConfig(learning_rate=5e-5, weight_decay=0.01, max_grad_norm=1.0), total_steps,
+                        bert_decays)
+    shardings = steps.state_shardings(steps.abstract_state(model, tx, jnp.float32), mesh, model)
     train, evaluate = steps.compile_steps(model, tx, SINGLE, 1, mesh, shardings)
     holder = {"state": steps.create_state(params, tx, shardings, seed=0)}
 

@@ -13,8 +13,8 @@ import warnings
 from pathlib import Path
 
 from flaxclf.config import ConfigError
-from flaxclf.hostmem import keep_freed_memory
-from flaxclf.vocab import CHUNK_AGGREGATIONS, FILE_FORMATS, INPUT_FORMATS, LONG_TEXTS, POOLINGS
+from flaxclf.options import CHUNK_AGGREGATIONS, FILE_FORMATS, INPUT_FORMATS, LONG_TEXTS, POOLINGS
+from flaxclf.runtime.hostmem import keep_freed_memory
 
 DEFAULT_TEXT = "a gripping, funny and moving film"
 _MODEL_HELP = ("a run directory (made by `flaxclf train`), a Hugging Face model folder, or a packaged model name "
@@ -57,9 +57,9 @@ def _write_json(obj: dict, dest: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from flaxclf import timing
     from flaxclf.config import load_config
-    from flaxclf.train import run
+    from flaxclf.runtime import timing
+    from flaxclf.training.loop import run
 
     cfg = load_config(args.config, args.overrides)
     run(cfg, show_progress=not args.no_progress, clock=timing.Clock(since_process_start=True))
@@ -70,7 +70,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from flaxclf import data, metrics, predict
+    from flaxclf import data
+    from flaxclf.inference import predict
+    from flaxclf.training import metrics
 
     loaded = predict.load(args.model, step=args.step, max_length=args.max_length)
     loaded.read_long_text(args.long_text, args.stride, args.head_tokens, args.chunk_aggregation)
@@ -123,8 +125,8 @@ def _write_predictions(rows: list[dict], out, fmt: str, pairs: list[str] | None)
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from flaxclf import predict
     from flaxclf.data import read_texts
+    from flaxclf.inference import predict
 
     texts, pairs = read_texts(args.input, args.input_format, args.text_column, args.text_pair_column)
     loaded = predict.load(args.model, step=args.step, max_length=args.max_length)
@@ -150,13 +152,15 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from flaxclf import checkpoint, predict, weights
+    from flaxclf.hf import weights
+    from flaxclf.inference import predict, runs
+    from flaxclf.training import checkpoint
 
     if not predict.is_run_dir(args.run_dir):
         raise predict.InferenceError(f"{args.run_dir} is not a run directory (config.yaml and checkpoints/); "
                                      "pass the train.output_dir of a `flaxclf train` run")
     if (Path(args.run_dir).expanduser() / checkpoint.CHECKPOINTS).is_dir():
-        out, step = checkpoint.export_checkpoint(args.run_dir, args.out_dir, step=args.step)
+        out, step = runs.export_checkpoint(args.run_dir, args.out_dir, step=args.step)
         which = f"checkpoint {step}" + (" (the best)" if args.step == "best" else "")
     else:  # a run directory that kept only its export/
         loaded = predict.load(args.run_dir, step=args.step)
@@ -170,7 +174,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from flaxclf import inspect, predict
+    from flaxclf.inference import influence as inspect
+    from flaxclf.inference import predict
 
     loaded = predict.load(args.model, step=args.step, pooling=args.pooling, num_labels=args.num_labels,
                           max_length=args.max_length)
@@ -331,12 +336,12 @@ def _quiet(verbose: bool) -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean a user's input or setting is wrong (each module defines its own)."""
     from flaxclf.assets import AssetError
-    from flaxclf.checkpoint import CheckpointError
     from flaxclf.data import DataError
-    from flaxclf.files import OutputError
-    from flaxclf.predict import InferenceError
-    from flaxclf.train import TrainingError
-    from flaxclf.weights import WeightsError
+    from flaxclf.hf.weights import WeightsError
+    from flaxclf.inference.predict import InferenceError
+    from flaxclf.runtime.outputs import OutputError
+    from flaxclf.training.checkpoint import CheckpointError
+    from flaxclf.training.loop import TrainingError
 
     return (ConfigError, DataError, AssetError, WeightsError, CheckpointError, InferenceError, TrainingError,
             OutputError)
@@ -365,8 +370,9 @@ def _compilation(args: argparse.Namespace):
     """JAX's persistent compilation cache for a command that compiles, so that the second evaluate or predict of a
     run compiles nothing: a run directory's own train.compilation_cache settings, else flaxclf's cache folder.
     With --verbose, says on stderr how many executables the command used and how many came from the cache."""
-    from flaxclf import compilation, predict, timing
     from flaxclf.config import TrainConfig
+    from flaxclf.inference import predict
+    from flaxclf.runtime import compilation, timing
 
     train_cfg = TrainConfig()  # flaxclf's cache folder, for an HF folder or a packaged name
     if predict.is_run_dir(args.model):
@@ -408,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def console(argv: list[str] | None = None) -> int:
     """The `flaxclf` command and train.py: main() in a process whose malloc keeps what XLA frees, so that steps
-    after the first page-fault nothing (flaxclf.hostmem; set FLAXCLF_KEEP_FREED_MEMORY=0 to leave it as it is).
+    after the first page-fault nothing (flaxclf.runtime.hostmem; set FLAXCLF_KEEP_FREED_MEMORY=0 to leave it as it is).
     Called before any computation, as it must be; main() alone (tests, embedding) leaves malloc alone."""
     keep_freed_memory()
     return main(argv)

@@ -13,8 +13,16 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from flaxclf.backbone import hf_flax_problem
-from flaxclf.vocab import HF_POOLING, ChunkAggregation, FileFormat, Impl, LongText, Pooling, ProblemType
+from flaxclf.options import (
+    HF_POOLING,
+    ChunkAggregation,
+    FileFormat,
+    Impl,
+    LongText,
+    Pooling,
+    ProblemType,
+    hf_flax_problem,
+)
 
 
 class ConfigError(ValueError):
@@ -31,13 +39,12 @@ class ModelConfig:
     # None: use the backbone's hidden_dropout_prob, as BertForSequenceClassification does.
     classifier_dropout: float | None = None
     # Compute dtype. With impl=fast, bfloat16 is mixed precision (matmul inputs bf16, fp32 accumulation, the rest
-    # fp32; at 128 tokens 1.3x faster train steps and 1.5x faster inference on a CPU with AVX-512 bf16:
-    # bench/README.md); with impl=hf every op runs in it.
+    # fp32; its speed on a CPU with AVX-512 bf16: bench/README.md); with impl=hf every op runs in it.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # storage dtype of the parameters
     remat: bool = False  # gradient checkpointing of each encoder layer (ModernBERT: of each group of layers)
-    # The encoder. fast: flaxclf.fast_bert, FlaxBertModule's params, init and dropout masks in a layout XLA runs
-    # faster, computing only position 0 in the last layer under [CLS] pooling (bench/README.md). hf:
+    # The encoder. fast: flaxclf's own (flaxclf.models), FlaxBertModule's params, init and dropout masks in a
+    # layout XLA runs faster, computing only position 0 in the last layer under [CLS] pooling. hf:
     # transformers' FlaxBertModule itself. Both match PyTorch's BertForSequenceClassification in fp32.
     impl: Impl = "fast"
 
@@ -124,7 +131,7 @@ class TrainConfig:
     # reads them instead of compiling; results are the same either way. Dir None: <flaxclf cache>/xla.
     compilation_cache: bool = True
     compilation_cache_dir: str | None = None
-    # The flaxclf command keeps the memory XLA frees for reuse (flaxclf.hostmem); above this many GB of resident
+    # The flaxclf command keeps the memory XLA frees for reuse (flaxclf.runtime.hostmem); above this many GB of resident
     # memory the kept heap's free pages go back to the kernel. null: one step's working set (the memory held once
     # the steps are compiled plus 1.25 x the largest step's temporaries); 0: never (the heap only grows).
     host_memory_cap_gb: float | None = None

@@ -1,7 +1,7 @@
 """The classifier as a `flax.nnx` module, for code written in NNX.
 
 It wraps the linen `BertClassifier` with `flax.nnx.bridge.ToNNX` rather than re-implementing it: one encoder
-(`flaxclf.fast_bert`, parity-tested against PyTorch, with its [CLS]-only last layer) serves both faces, so the
+(`flaxclf.models.bert.encoder`, parity-tested against PyTorch, with its [CLS]-only last layer) serves both faces, so the
 two can't drift, and the wrapper compiles to the same XLA program. Its parameters keep the linen tree
 (bert/..., pooler/dense, classifier), so checkpoints, the sharding rules and the HF export apply unchanged.
 """
@@ -15,8 +15,9 @@ import jax
 from flax import nnx
 from flax.nnx import bridge
 
-from flaxclf.model import BertClassifier, dummy_inputs
-from flaxclf.weights import export_hf, from_pretrained
+from flaxclf.hf.weights import export_hf, from_pretrained
+from flaxclf.models.bert import BertClassifier
+from flaxclf.models.classifier import dummy_inputs
 
 
 def to_nnx(model: BertClassifier, params: dict, seed: int = 0) -> bridge.ToNNX:

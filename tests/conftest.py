@@ -47,7 +47,7 @@ def pytest_collection_modifyitems(items):
 def _compilation_cache():
     """This process's steps go through JAX's persistent compilation cache, kept in TEST_CACHE: a second run of the
     suite reads them instead of compiling (flaxclf's own switch, so every executable is cached)."""
-    from flaxclf import compilation
+    from flaxclf.runtime import compilation
 
     compilation.enable_cache(TEST_CACHE / "xla-in-process")
 
@@ -72,9 +72,9 @@ def _build_tiny_bert(folder: pathlib.Path, minilm_dir: pathlib.Path) -> None:
     import jax
     from safetensors.numpy import save_file
 
-    from flaxclf.backbone import BertSpec
-    from flaxclf.model import BertClassifier, ClassifierConfig, init_params
-    from flaxclf.weights import TOKENIZER_FILES, to_pt_state
+    from flaxclf.hf.weights import TOKENIZER_FILES, to_pt_state
+    from flaxclf.models.bert import BertClassifier, BertSpec
+    from flaxclf.models.classifier import ClassifierConfig, init_params
 
     spec = BertSpec(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                     max_position_embeddings=128)
@@ -102,10 +102,10 @@ def _build_tiny_modernbert(folder: pathlib.Path, minilm_dir: pathlib.Path) -> No
     import jax
     from safetensors.numpy import save_file
 
-    from flaxclf.families import FAMILIES
-    from flaxclf.model import ClassifierConfig, init_params, make_classifier
-    from flaxclf.modernbert import ModernBertSpec
-    from flaxclf.weights import TOKENIZER_FILES, to_pt_state
+    from flaxclf.hf.weights import TOKENIZER_FILES, to_pt_state
+    from flaxclf.models.classifier import ClassifierConfig, init_params, make_classifier
+    from flaxclf.models.modernbert import ModernBertSpec
+    from flaxclf.models.registry import FAMILIES
 
     spec = ModernBertSpec(vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
                           num_attention_heads=4, global_attn_every_n_layers=2, local_attention=8,

@@ -9,12 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxclf import sharding, steps
-from flaxclf.backbone import BertSpec
 from flaxclf.config import MeshConfig, OptimConfig
-from flaxclf.model import BertClassifier, ClassifierConfig, init_params
-from flaxclf.optim import make_optimizer
-from flaxclf.vocab import SINGLE
+from flaxclf.models.bert import BertClassifier, BertSpec
+from flaxclf.models.bert.families import decays as bert_decays
+from flaxclf.models.classifier import ClassifierConfig, init_params
+from flaxclf.options import SINGLE
+from flaxclf.runtime import sharding
+from flaxclf.training import steps
+from flaxclf.training.optim import make_optimizer
 
 SPEC = BertSpec(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                 max_position_embeddings=64)
@@ -30,9 +32,9 @@ def _batch(b: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def test_train_step_compiles_once_per_batch_length():
     model = BertClassifier(ClassifierConfig(backbone=SPEC, num_labels=3, problem_type=SINGLE))
-    tx = make_optimizer(OptimConfig(), 10)
+    tx = make_optimizer(OptimConfig(), 10, bert_decays)
     mesh = sharding.make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    shard = steps.state_shardings(steps.abstract_state(model, tx, jnp.float32), mesh)
+    shard = steps.state_shardings(steps.abstract_state(model, tx, jnp.float32), mesh, model)
     train, _ = steps.compile_steps(model, tx, SINGLE, 1, mesh, shard)
     state = steps.create_state(jax.device_get(init_params(model, jax.random.PRNGKey(0))), tx, shard, seed=0)
     for i, length in enumerate([16, 32, 16, 32, 16]):

@@ -19,17 +19,24 @@ import optax
 import pytest
 from safetensors.numpy import load_file
 
-from flaxclf import checkpoint, data, sharding, train
-from flaxclf.checkpoint import Checkpointer, CheckpointError
+from flaxclf import data
 from flaxclf.config import CheckpointConfig, MeshConfig, load_config
-from flaxclf.optim import make_optimizer
-from flaxclf.runlog import read_records
-from flaxclf.steps import compile_steps, state_shardings
+from flaxclf.inference import runs as run_files
+from flaxclf.models.bert.families import decays as bert_decays
+from flaxclf.models.registry import ENCODERS
+from flaxclf.runtime import sharding
+from flaxclf.training import job as job_setup
+from flaxclf.training.checkpoint import Checkpointer, CheckpointError
+from flaxclf.training.metrics_log import read_records
+from flaxclf.training.optim import make_optimizer
+from flaxclf.training.steps import compile_steps, state_shardings
 from tests.helpers import CHILD_XLA_FLAGS, child_env
 
 REPO = Path(__file__).resolve().parents[1]
 TOTAL = 12  # configs/tiny.yaml: max_steps 12, eval every 6, a checkpoint every 4 steps
 WORDS = "good bad great awful fine dull bright moving boring fun".split()
+
+ALL_RULES = [rule for encoder in ENCODERS.values() for rule in encoder.sharding_rules]  # every encoder's
 
 
 def _write_csvs(folder: Path, labels: tuple[str, str]) -> Path:
@@ -112,8 +119,8 @@ def test_killed_run_resumes_bit_for_bit(runs):
     start = int(resumed_at[0].split(" at step ")[1].split()[0])
     assert 4 <= start < TOTAL
     # Same final params (and optimizer state) to the bit: same batches, dropout keys and schedule.
-    _, p_full, meta_full = checkpoint.load_params_for_inference(runs["full"], step=TOTAL)
-    _, p_res, meta_res = checkpoint.load_params_for_inference(runs["killed"], step=TOTAL)
+    _, p_full, meta_full = run_files.load_params_for_inference(runs["full"], step=TOTAL)
+    _, p_res, meta_res = run_files.load_params_for_inference(runs["killed"], step=TOTAL)
     _tree_equal(p_full, p_res)
     assert meta_full["data"] == meta_res["data"] and meta_full["best"] == meta_res["best"]
     st_full = load_file(str(runs["full"] / "export" / "model.safetensors"))
@@ -130,19 +137,19 @@ def test_sigterm_saves_the_step_it_stopped_at_and_exits_143(runs):
     assert runs["rc"]["term"] == 143, runs["log"]["term"]
     last = read_records(runs["term"])[-1]["step"]
     assert f"stopped by signal {int(signal.SIGTERM)} after step {last}" in runs["log"]["term"]
-    ckpt, _ = checkpoint.open_run(runs["term"])
+    ckpt, _ = run_files.open_run(runs["term"])
     assert ckpt.steps() == [last]  # checkpoint.every_steps=0: the only checkpoint is the one the signal made
     assert ckpt.read_meta(last)["data"]["step"] == last % 6  # 6 batches an epoch
-    _, params, meta = checkpoint.load_params_for_inference(runs["term"])
+    _, params, meta = run_files.load_params_for_inference(runs["term"])
     assert meta["step"] == last and all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(params)))
 
 
 def test_keep_policy_and_best_checkpoint_after_a_run(runs):
     # keep=2 with saves at 4, 6 (eval), 8, 12 (eval): the last two, plus the best of 6 and 12.
-    ckpt, cfg = checkpoint.open_run(runs["full"])
+    ckpt, cfg = run_files.open_run(runs["full"])
     best = ckpt.best_step()
     assert best in (6, 12) and ckpt.steps() == sorted({best, 8, 12})
-    _, _, meta = checkpoint.load_params_for_inference(runs["full"], step="best")
+    _, _, meta = run_files.load_params_for_inference(runs["full"], step="best")
     assert meta["step"] == best and cfg.train.max_steps == TOTAL
 
 
@@ -154,7 +161,7 @@ def _mesh(shape: tuple[int, int, int]) -> jax.sharding.Mesh:
 
 def _check_layout(tree, mesh) -> None:
     for path, x in jax.tree_util.tree_leaves_with_path(tree):
-        spec = sharding.spec_for(sharding.path_str(path), x.shape, mesh)
+        spec = sharding.spec_for(sharding.path_str(path), x.shape, mesh, ALL_RULES)
         assert x.sharding.mesh == mesh and x.sharding.spec == spec, f"{sharding.path_str(path)}: {x.sharding}"
 
 
@@ -166,17 +173,17 @@ def _adam_states(opt_state) -> list:
 def test_checkpoint_moves_between_meshes(tmp_path, tiny_model_dir, csv_dir):
     cfg = load_config(REPO / "configs/tiny.yaml",
                       _overrides(tiny_model_dir, csv_dir, tmp_path / "run", "mesh.data=8", "data.prefetch=0"))
-    job = train.setup(cfg)
+    job = job_setup.setup(cfg)
     try:
         for _ in range(2):
             job.state, _ = job.train_step(job.state, next(job.batches))
-        job.ckpt.save(2, job.state, train._meta(job))
+        job.ckpt.save(2, job.state, job_setup.meta(job))
         job.ckpt.wait()
         saved = jax.device_get(job.state)
-        tx = make_optimizer(cfg.optim, job.total_steps)
+        tx = make_optimizer(cfg.optim, job.total_steps, bert_decays)
         for shape in [(2, 2, 2), (1, 1, 1)]:
             mesh = _mesh(shape)
-            shardings = state_shardings(job.abstract, mesh)
+            shardings = state_shardings(job.abstract, mesh, job.model)
             step, state, meta = job.ckpt.restore(job.abstract, shardings)
             assert step == 2
             _tree_equal(state, saved)  # params, optimizer state, step and RNG, bit-exact
@@ -285,11 +292,11 @@ def test_foreign_run_directory_is_refused_unless_fresh(runs, tmp_path, tiny_mode
     other_labels = _write_csvs(tmp_path / "other", ("yes", "no"))
     with pytest.raises(CheckpointError, match=r"data.train_file: .* -> .*labels: \['neg', 'pos'\] -> \['no', 'yes'\]"
                                               r".*fresh=true"):
-        train.setup(load_config(REPO / "configs/tiny.yaml", _overrides(tiny_model_dir, other_labels, run_dir)))
+        job_setup.setup(load_config(REPO / "configs/tiny.yaml", _overrides(tiny_model_dir, other_labels, run_dir)))
     other_model = shutil.copytree(tiny_model_dir, tmp_path / "other-model")
     with pytest.raises(CheckpointError, match=r"\(model.name: .*tiny-bert.* -> .*other-model\);.*fresh=true"):
-        train.setup(load_config(REPO / "configs/tiny.yaml", _overrides(other_model, csv_dir, run_dir)))
-    job = train.setup(load_config(REPO / "configs/tiny.yaml",
+        job_setup.setup(load_config(REPO / "configs/tiny.yaml", _overrides(other_model, csv_dir, run_dir)))
+    job = job_setup.setup(load_config(REPO / "configs/tiny.yaml",
                                   _overrides(tiny_model_dir, other_labels, run_dir, "checkpoint.fresh=true")))
     try:
         assert int(job.state.step) == 0 and job.ckpt.steps() == []
@@ -300,21 +307,21 @@ def test_foreign_run_directory_is_refused_unless_fresh(runs, tmp_path, tiny_mode
 
 def test_params_only_load_and_export_from_any_checkpoint(runs, tmp_path):
     mesh = _mesh((2, 2, 2))
-    ckpt, _ = checkpoint.open_run(runs["full"])
+    ckpt, _ = run_files.open_run(runs["full"])
     for step in ckpt.steps():
-        model, params, meta = checkpoint.load_params_for_inference(runs["full"], step=step, mesh=mesh)
+        model, params, meta = run_files.load_params_for_inference(runs["full"], step=step, mesh=mesh)
         assert meta["step"] == step and model.config.label_names == ("neg", "pos")
         _check_layout(params, mesh)
-        out, exported_step = checkpoint.export_checkpoint(runs["full"], tmp_path / f"export-{step}", step=step)
+        out, exported_step = run_files.export_checkpoint(runs["full"], tmp_path / f"export-{step}", step=step)
         assert exported_step == step
         exported = load_file(str(out / "model.safetensors"))
-        from flaxclf.weights import to_pt_state
+        from flaxclf.hf.weights import to_pt_state
 
         expected = to_pt_state(jax.device_get(params))
         assert exported.keys() == expected.keys()
         assert all(np.array_equal(exported[k], expected[k]) for k in expected)
         assert (out / "config.json").is_file() and (out / "vocab.txt").is_file()
     with pytest.raises(CheckpointError, match="has no checkpoint 3"):
-        checkpoint.load_params_for_inference(runs["full"], step=3)
+        run_files.load_params_for_inference(runs["full"], step=3)
     with pytest.raises(CheckpointError, match="no checkpoints/ folder"):
-        checkpoint.load_params_for_inference(tmp_path / "nothing")
+        run_files.load_params_for_inference(tmp_path / "nothing")

@@ -79,7 +79,7 @@ def test_train_draws_valid_pngs(tiny_run):
 
 
 def test_write_plots_from_records_alone(tmp_path):
-    from flaxclf.plots import write_plots
+    from flaxclf.training.plots import write_plots
 
     records = [{"step": s, "split": "train", "loss": 1.0 / s, "lr": 1e-4, "grad_norm": 0.5} for s in (1, 2, 3)]
     records += [{"step": 3, "split": "validation", "mse": 0.5, "pearson": 0.1, "count": 4}]  # regression: no matrix

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flaxclf import compilation, data, timing, train
+from flaxclf import data
 from flaxclf.config import load_config
+from flaxclf.runtime import compilation, timing
+from flaxclf.training import loop as train
 from tests.helpers import ROOT, child_env, flaxclf, ok, same_weights, summary, train_args
 
 pytestmark = pytest.mark.journey

@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from flaxclf import assets, data
 from flaxclf.config import DataConfig
 from flaxclf.data import DataError, batches, tokens
+from flaxclf.hf.config import max_positions
 
 
 @pytest.fixture(scope="session")
@@ -378,7 +379,7 @@ def test_train_batch_counts_promote_a_slots_extra_rows():
 
 def _fails(tmp_path, model_dir, match, **kw) -> str:
     with pytest.raises(DataError, match=match) as e:
-        data.load_task(_cfg(tmp_path, **kw), model_dir)
+        data.load_task(_cfg(tmp_path, **kw), model_dir, max_positions=max_positions(model_dir))
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())  # nothing written
     assert "\n" not in str(e.value)  # one sentence, no traceback text
     return str(e.value)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from flaxclf import losses
-from flaxclf.backbone import BertSpec
-from flaxclf.model import BertClassifier, ClassifierConfig, init_params
-from flaxclf.vocab import SINGLE
-from flaxclf.weights import WeightsError, export_hf, flax_to_pt, from_pretrained
+from flaxclf.hf.weights import WeightsError, export_hf, flax_to_pt, from_pretrained
+from flaxclf.models.bert import BertClassifier, BertSpec
+from flaxclf.models.classifier import ClassifierConfig, init_params
+from flaxclf.options import SINGLE
+from flaxclf.training import losses
 from tests.helpers import f32_bound
 from tests.torch_ref import needs_hf_flax, needs_torch, save_pretrained_bin
 
@@ -131,7 +131,7 @@ def test_config_json_reads_with_the_config_class_defaults(model_type, tmp_path):
         assert getattr(spec, field) == getattr(default, key), field
     full = transformers.AutoConfig.for_model(model_type, **_hf_kwargs(model_type)[1], num_labels=3)
     full.save_pretrained(tmp_path)
-    from flaxclf.backbone import read_hf_config
+    from flaxclf.hf.config import read_hf_config
 
     ours = ClassifierConfig.from_hf(read_hf_config(tmp_path))
     back = transformers.AutoConfig.for_model(**ours.to_hf())
@@ -316,13 +316,14 @@ def test_no_large_matrix_is_replicated_by_accident(model_type):
     import transformers
 
     from flaxclf.config import MeshConfig
-    from flaxclf.model import dummy_inputs
-    from flaxclf.sharding import make_mesh, param_specs, path_str
+    from flaxclf.models import bert
+    from flaxclf.models.classifier import dummy_inputs
+    from flaxclf.runtime.sharding import make_mesh, param_specs, path_str
 
     kwargs = dict(CONFIGS[model_type], vocab_size=512)
     config = ClassifierConfig.from_hf(transformers.AutoConfig.for_model(model_type, **kwargs).to_dict())
     abstract = jax.eval_shape(BertClassifier(config).init, jax.random.PRNGKey(0), **dummy_inputs())
-    specs = param_specs(abstract, make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))
+    specs = param_specs(abstract, make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)), bert.ENCODER.sharding_rules)
     large = config.backbone.hidden_size ** 2
     leaves = jax.tree_util.tree_leaves_with_path(abstract)
     spec_of = {path_str(kp): s for kp, s in jax.tree_util.tree_leaves_with_path(
@@ -366,12 +367,12 @@ def test_roberta_takes_two_tokens_fewer_than_its_position_table(tmp_path):
     """RoBERTa's positions start at padding_idx + 1: max_position_embeddings 514 holds 512 tokens."""
     import json
 
-    from flaxclf.data import tokens
+    from flaxclf.hf.config import max_positions
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "roberta", "max_position_embeddings": 514}))
-    assert tokens.max_positions(tmp_path) == 512
+    assert max_positions(tmp_path) == 512
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "max_position_embeddings": 512}))
-    assert tokens.max_positions(tmp_path) == 512
+    assert max_positions(tmp_path) == 512
 
 
 def test_another_model_type_is_refused_naming_those_that_load(tmp_path):

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from flaxclf.backbone import BertSpec, hf_flax_problem
-from flaxclf.model import BertClassifier, ClassifierConfig, init_params
-from flaxclf.weights import TOKENIZER_FILES, to_pt_state
+from flaxclf.hf.weights import TOKENIZER_FILES, to_pt_state
+from flaxclf.models.bert import BertClassifier, BertSpec
+from flaxclf.models.classifier import ClassifierConfig, init_params
+from flaxclf.options import hf_flax_problem
 from tests.helpers import flaxclf, ok, records, refused, train_args
 from tests.torch_ref import needs_torch
 
@@ -90,7 +91,7 @@ def test_fine_tune_resume_inspect_predict_and_export(base_dir, tmp_path):
 @pytest.mark.hf
 def test_impl_hf_is_refused_for_another_family_in_one_line(tmp_path, minilm_dir):
     """transformers' Flax backbone (model.impl=hf) is BERT's: a RoBERTa run is refused before it starts."""
-    from flaxclf.weights import export_hf
+    from flaxclf.hf.weights import export_hf
 
     spec = SPECS["roberta"]
     config = ClassifierConfig(backbone=spec, num_labels=2)

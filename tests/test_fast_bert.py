@@ -1,5 +1,5 @@
-"""The fast encoder (flaxclf.fast_bert) against transformers' FlaxBertModule and against its own full computation:
-the same params, init values and dropout masks; the [CLS]-only last layer; bf16 mixed precision."""
+"""The fast encoder (flaxclf.models.bert.encoder) against transformers' FlaxBertModule and against its own full
+computation: the same params, init values and dropout masks; the [CLS]-only last layer; bf16 mixed precision."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from flaxclf.backbone import BertSpec
-from flaxclf.model import BertClassifier, ClassifierConfig, init_params
+from flaxclf.models.bert import BertClassifier, BertSpec
+from flaxclf.models.classifier import ClassifierConfig, init_params
 from tests.helpers import f32_bound
 from tests.torch_ref import needs_hf_flax, needs_torch
 
@@ -89,8 +89,8 @@ def test_cls_only_last_layer_is_position_zero_of_the_full_one(train):
     rngs = {"dropout": jax.random.PRNGKey(7)} if train else None
 
     def encode(cls_only):
-        return model.apply(params, **b, deterministic=not train, cls_only=cls_only, rngs=rngs,
-                           method=BertClassifier.encode)
+        return model.apply(params, **b, deterministic=not train, rngs=rngs,
+                           method=lambda m, **kw: m.bert(**kw, cls_only=cls_only))
     full, cls = encode(False), encode(True)
     assert full.shape == (4, 24, SPEC.hidden_size) and cls.shape == (4, 1, SPEC.hidden_size)
     diff, bound = _max_abs(cls - full[:, :1]), f32_bound(ENCODER_DEPTH, WIDTH, _max_abs(full[:, :1]))
@@ -108,7 +108,7 @@ def test_cls_only_skips_most_of_the_last_layer():
     b = batch(length=24)
 
     def flops(cls_only):
-        f = jax.jit(lambda p: model.apply(p, **b, cls_only=cls_only, method=BertClassifier.encode))
+        f = jax.jit(lambda p: model.apply(p, **b, method=lambda m, **kw: m.bert(**kw, cls_only=cls_only)))
         return f.lower(params).compile().cost_analysis()["flops"]
     assert flops(True) < 0.62 * flops(False)
 
@@ -165,7 +165,7 @@ def test_gelu_is_the_exact_gelu():
     rounded at 1 whatever its size (it cancels below 0), then multiplied by x: a value's error is at the scale of
     max(|exact|, |x|), a derivative's (0.5 (1 + erf) plus a term below 1) at max(|exact|, 1)."""
     torch = needs_torch()
-    from flaxclf.fast_bert import ACTIVATIONS
+    from flaxclf.models.bert.encoder import ACTIVATIONS
 
     gelu = ACTIVATIONS["gelu"]
     x = np.concatenate([np.linspace(-12, 12, 200_001), [-6.0, -5.999999, 0.0]]).astype(np.float32)

@@ -1,6 +1,6 @@
-"""flaxclf.hostmem: with it, a jitted call after the first page-faults none of its temporaries; without it, every
-call faults all of them afresh (why the `flaxclf` command turns it on). Each case runs in a fresh process, since
-malloc's settings are the process's and must come before the first computation."""
+"""flaxclf.runtime.hostmem: with it, a jitted call after the first page-faults none of its temporaries; without
+it, every call faults all of them afresh (why the `flaxclf` command turns it on). Each case runs in a fresh
+process, since malloc's settings are the process's and must come before the first computation."""
 
 import json
 import os
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the s
 # minor page faults of each call, in units of the temporaries' pages.
 PROGRAM = """
 import json, resource, time
-from flaxclf.hostmem import keep_freed_memory
+from flaxclf.runtime.hostmem import keep_freed_memory
 took = keep_freed_memory()
 import jax, jax.numpy as jnp
 f = jax.jit(lambda x: jnp.cumsum(jnp.cumsum(jnp.cumsum(x, 0)[::-1], 1) * jnp.cumsum(x, 0), 0).sum())
@@ -58,7 +58,7 @@ def test_calls_after_the_first_fault_no_temporaries():
 CAP_PROGRAM = """
 import json, sys, time
 import numpy as np
-from flaxclf import hostmem
+from flaxclf.runtime import hostmem
 took = hostmem.keep_freed_memory()
 base = hostmem.resident_bytes()
 big = np.ones(400 * 2**20, np.uint8)  # touched: resident

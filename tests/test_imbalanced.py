@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flaxclf import metrics
+from flaxclf.training import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["neg", "pos", "mixed"]

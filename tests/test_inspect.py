@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxclf import inspect
-from flaxclf.predict import load
+from flaxclf.inference import influence as inspect
+from flaxclf.inference.predict import load
 from tests.helpers import f32_bound
 
 TEXT = "not bad at all, honestly"

@@ -9,7 +9,7 @@ import pytest
 
 from flaxclf.data import long_text, tokens
 from flaxclf.data.long_text import LongText
-from flaxclf.vocab import MULTI, SINGLE
+from flaxclf.options import MULTI, SINGLE
 from tests.helpers import ROOT, f32_bound, flaxclf, ok, refused, tree_hash
 
 WORDS = ("the film was good bad slow moving great dull funny plot actor scene boring brilliant awful story "
@@ -173,7 +173,7 @@ def test_chunks_train_resume_evaluate_predict_count_texts(tmp_path, tiny_model_d
 
 
 def test_short_texts_predict_the_same_under_chunks_and_truncate(tmp_path, tiny_model_dir):
-    from flaxclf import predict
+    from flaxclf.inference import predict
 
     texts = _texts(30, 3, 1, 20)
     out = {}

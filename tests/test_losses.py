@@ -7,13 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxclf import losses, sharding, steps, weights
-from flaxclf.backbone import BertSpec
 from flaxclf.config import ConfigError, LossConfig, MeshConfig, OptimConfig
-from flaxclf.losses import LossSpec
-from flaxclf.model import BertClassifier
-from flaxclf.optim import make_optimizer
-from flaxclf.vocab import MULTI, REGRESSION, SINGLE
+from flaxclf.hf import weights
+from flaxclf.models.bert import BertClassifier, BertSpec
+from flaxclf.models.bert.families import decays as bert_decays
+from flaxclf.options import MULTI, REGRESSION, SINGLE
+from flaxclf.runtime import sharding
+from flaxclf.training import losses, steps
+from flaxclf.training.losses import LossSpec
+from flaxclf.training.optim import make_optimizer
 from tests.helpers import adamw_param_bound, f32_bound, random_batches
 from tests.torch_ref import needs_torch
 
@@ -176,8 +178,8 @@ def _max_diff(a, b) -> float:
 def _train_losses_params(model, host, spec, batches, accum_steps):
     mesh = sharding.make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     batch_s = sharding.batch_sharding(mesh)
-    tx = make_optimizer(OptimConfig(learning_rate=LEARNING_RATE, warmup_ratio=0.0), 3)
-    shardings = steps.state_shardings(steps.abstract_state(model, tx, jnp.float32), mesh)
+    tx = make_optimizer(OptimConfig(learning_rate=LEARNING_RATE, warmup_ratio=0.0), 3, bert_decays)
+    shardings = steps.state_shardings(steps.abstract_state(model, tx, jnp.float32), mesh, model)
     state = steps.create_state(host, tx, shardings, 0)
     train, _ = steps.compile_steps(model, tx, spec, accum_steps, mesh, shardings)
     out, nus = [], []

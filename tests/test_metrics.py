@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from flaxclf.metrics import (
+from flaxclf.training.metrics import (
     classification_metrics,
     compute_metrics,
     format_table,

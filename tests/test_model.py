@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from flaxclf import losses
-from flaxclf.model import BertClassifier, ClassifierConfig, init_params
-from flaxclf.vocab import MULTI, REGRESSION, SINGLE
-from flaxclf.weights import from_pretrained
+from flaxclf.hf.weights import from_pretrained
+from flaxclf.models.bert import BertClassifier
+from flaxclf.models.classifier import ClassifierConfig, init_params
+from flaxclf.options import MULTI, REGRESSION, SINGLE
+from flaxclf.training import losses
 from tests.helpers import f32_bound
 from tests.torch_ref import (
     IMPLS,
@@ -110,7 +111,7 @@ def test_problem_type_inferred_as_pytorch_does():
 
 
 def _tiny_classifier(pooling):
-    from flaxclf.backbone import BertSpec
+    from flaxclf.models.bert import BertSpec
 
     cfg = ClassifierConfig(backbone=BertSpec(**TINY), num_labels=3, pooling=pooling)
     model = BertClassifier(cfg)
@@ -187,8 +188,9 @@ def test_remat_gives_the_same_gradients(tmp_path):
 
 def test_importing_flaxclf_leaves_the_process_alone():
     """No transformers, no torch, no environment variable set: importing a library must not change a process."""
-    code = ("import os, sys; before = dict(os.environ); import flaxclf, flaxclf.cli, flaxclf.train, flaxclf.predict; "
-            "print('transformers' in sys.modules, 'torch' in sys.modules, dict(os.environ) == before)")
+    code = ("import os, sys; before = dict(os.environ); import flaxclf, flaxclf.cli, flaxclf.training.loop, "
+            "flaxclf.inference.predict; print('transformers' in sys.modules, 'torch' in sys.modules, "
+            "dict(os.environ) == before)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False True"
 
@@ -199,8 +201,8 @@ def test_pooler_equals_transformers_flax_pooler():
     """flaxclf's pooler has FlaxBertPooler's parameter names, initial values and output."""
     from transformers.models.bert.modeling_flax_bert import FlaxBertPooler
 
-    from flaxclf.backbone import BertSpec
-    from flaxclf.model import Pooler
+    from flaxclf.models.bert import BertSpec
+    from flaxclf.models.bert.classifier import Pooler
 
     spec = BertSpec(**TINY)
     h = jax.random.normal(jax.random.PRNGKey(1), (3, 5, spec.hidden_size))
@@ -218,7 +220,8 @@ def test_config_json_reads_as_transformers_reads_it(tmp_path):
     fields left out included (they take BertConfig's defaults); and back to a config.json transformers reads."""
     import transformers
 
-    from flaxclf.backbone import BertSpec, read_hf_config
+    from flaxclf.hf.config import read_hf_config
+    from flaxclf.models.bert import BertSpec
 
     hf = transformers.BertConfig(**TINY, id2label={0: "neg", 1: "pos", 2: "mid"}, problem_type=SINGLE)
     hf.save_pretrained(tmp_path)
@@ -237,21 +240,22 @@ def test_config_json_reads_as_transformers_reads_it(tmp_path):
 
 
 def test_impl_hf_is_refused_in_one_sentence_under_transformers_5(monkeypatch):
-    from flaxclf import backbone
+    from flaxclf import options as backbone
     from flaxclf.config import ConfigError, load_config
+    from flaxclf.models.bert.hf_flax import hf_flax_bert_module
 
     monkeypatch.setattr(backbone, "transformers_version", lambda: "5.23.0")
     with pytest.raises(ConfigError, match=r"^model.impl=hf needs transformers 4.x \(Flax was removed in v5.0\) "
                                           r"but 5.23.0 is installed; use model.impl=fast"):
         load_config(None, ["model.impl=hf"])
     with pytest.raises(ImportError, match="5.23.0 is installed"):
-        backbone.hf_flax_bert_module()
+        hf_flax_bert_module()
 
 
 @pytest.mark.hf
 def test_impl_hf_is_refused_by_the_command_under_the_installed_transformers_5(tmp_path):
     """The real refusal, under the transformers this environment has: one line, the version named, exit 2."""
-    from flaxclf.backbone import transformers_version
+    from flaxclf.options import transformers_version
 
     version = transformers_version()
     if version is None or int(version.split(".")[0]) < 5:

@@ -1,4 +1,4 @@
-"""flaxclf.modernbert against transformers' PyTorch ModernBertForSequenceClassification (eager attention: the
+"""flaxclf.models.modernbert against transformers' PyTorch ModernBertForSequenceClassification (eager attention: the
 padded path with a global mask and a sliding-window mask), on tiny random models whose sequences are longer than
 the local window."""
 
@@ -13,18 +13,12 @@ import pytest
 from flax.traverse_util import unflatten_dict
 from safetensors.numpy import save_file
 
-from flaxclf import weights
-from flaxclf.families import FAMILIES
-from flaxclf.model import ClassifierConfig, init_params, make_classifier
-from flaxclf.modernbert import (
-    AttentionImpl,
-    ModernBertClassifier,
-    ModernBertLayer,
-    ModernBertSpec,
-    banded_local_attention,
-    chunked_attention,
-    dense_attention,
-)
+from flaxclf.hf import weights
+from flaxclf.models.classifier import ClassifierConfig, init_params, make_classifier
+from flaxclf.models.modernbert import AttentionImpl, ModernBertClassifier, ModernBertSpec
+from flaxclf.models.modernbert.encoder import ModernBertLayer
+from flaxclf.models.registry import FAMILIES
+from flaxclf.nn.attention import banded_local_attention, chunked_attention, dense_attention
 from tests.helpers import f32_bound
 
 torch = pytest.importorskip("torch", reason="the PyTorch reference (torch) is not installed in this environment")
@@ -85,7 +79,7 @@ def _model(spec: ModernBertSpec, **kw):
 
 
 def _params(state: dict[str, np.ndarray]) -> dict:
-    """A PyTorch state dict -> our param tree, by flaxclf.weights' family renaming."""
+    """A PyTorch state dict -> our param tree, by flaxclf.hf.weights' family renaming."""
     return unflatten_dict(weights._from_pt_names(FAMILY, state))
 
 

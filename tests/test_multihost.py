@@ -14,17 +14,19 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.journey  # each process trains (flaxclf.train.run)
+pytestmark = pytest.mark.journey  # each process trains (flaxclf.training.loop.run)
 TIMEOUT_S = 300
 
-# Runs flaxclf.train.run in one process. XLA_FLAGS is set before jax is imported. Hooks record what this process
+# Runs flaxclf.training.loop.run in one process. XLA_FLAGS is set before jax is imported. Hooks record what this process
 # tokenized and which global rows made each of its batches.
 _DRIVER = r'''
 import json, os, signal, sys
 spec = json.loads(sys.argv[1])
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec['devices']} --xla_backend_optimization_level=0"
 os.environ["JAX_PLATFORMS"] = "cpu"
-from flaxclf import checkpoint, data, train
+from flaxclf import data
+from flaxclf.training import checkpoint
+from flaxclf.training import loop as train
 from flaxclf.config import load_config
 from flaxclf.data import tokens
 

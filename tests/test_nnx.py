@@ -11,9 +11,9 @@ import optax
 from flax import nnx
 from safetensors.numpy import load_file
 
-from flaxclf.model import BertClassifier
+from flaxclf.hf.weights import export_hf, from_pretrained
+from flaxclf.models.bert import BertClassifier
 from flaxclf.nnx import export_nnx, nnx_from_pretrained, params_of, to_nnx
-from flaxclf.weights import export_hf, from_pretrained
 from tests.helpers import f32_bound
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -6,8 +6,9 @@ import optax
 import pytest
 
 from flaxclf.config import OptimConfig
-from flaxclf.optim import decay_mask, lr_schedule, make_optimizer
-from flaxclf.sharding import path_str
+from flaxclf.models.bert.families import decays as bert_decays
+from flaxclf.runtime.sharding import path_str
+from flaxclf.training.optim import decay_mask, lr_schedule, make_optimizer
 from tests.helpers import ADAMW_OPS, f32_bound
 from tests.torch_ref import needs_torch
 
@@ -54,7 +55,7 @@ def test_zero_total_steps_is_a_clear_error():
 def test_schedule_constants_name_what_a_compiled_step_holds_of_the_runs_length():
     """The step cache keys a train step on these: a constant rate without warmup holds nothing of max_steps, so a
     run resumed with other max_steps reads its step (test_compilation); a decay's slope holds the total."""
-    from flaxclf.optim import schedule_constants
+    from flaxclf.training.optim import schedule_constants
 
     constant = OptimConfig(schedule="constant", warmup_ratio=0.0)
     assert schedule_constants(constant, 6) == schedule_constants(constant, 600) == ()
@@ -121,7 +122,7 @@ def test_decay_mask_matches_hf_trainer(torch_model):
 
     names = [n for n, _ in torch_model.named_parameters()]
     hf_decay = set(Trainer.get_decay_parameter_names(None, torch_model))
-    mask = _flat(decay_mask(_to_flax({n: np.zeros(1) for n in names})))
+    mask = _flat(decay_mask(_to_flax({n: np.zeros(1) for n in names}), bert_decays))
     ours = {n for n in names if mask["params/" + "/".join(_flax_path(n)[0])]}
     assert ours == hf_decay
     assert "bert.embeddings.word_embeddings.weight" in ours
@@ -146,7 +147,7 @@ def test_three_steps_match_torch_adamw(torch_model):
     sched = get_linear_schedule_with_warmup(opt, int(np.ceil(cfg.warmup_ratio * total)), total)
 
     params = _to_flax({n: p.detach().numpy().copy() for n, p in named.items()})
-    tx = make_optimizer(cfg, total)
+    tx = make_optimizer(cfg, total, bert_decays)
     state = tx.init(params)
     rng = np.random.default_rng(0)
     norms = []
@@ -181,6 +182,6 @@ def test_three_steps_match_torch_adamw(torch_model):
 
 def test_no_clipping_keeps_the_state_structure():
     params = {"params": {"dense": {"kernel": np.ones((2, 2), np.float32), "bias": np.ones(2, np.float32)}}}
-    with_clip = make_optimizer(OptimConfig(max_grad_norm=1.0), 10).init(params)
-    without = make_optimizer(OptimConfig(max_grad_norm=None), 10).init(params)
+    with_clip = make_optimizer(OptimConfig(max_grad_norm=1.0), 10, bert_decays).init(params)
+    without = make_optimizer(OptimConfig(max_grad_norm=None), 10, bert_decays).init(params)
     assert jax.tree.structure(with_clip) == jax.tree.structure(without)

@@ -8,10 +8,11 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from flaxclf.backbone import BertSpec
 from flaxclf.config import MeshConfig
-from flaxclf.model import BertClassifier, ClassifierConfig
-from flaxclf.sharding import (
+from flaxclf.models.bert import BertClassifier, BertSpec
+from flaxclf.models.bert.families import SHARDING_RULES as RULES
+from flaxclf.models.classifier import ClassifierConfig
+from flaxclf.runtime.sharding import (
     batch_sharding,
     make_mesh,
     param_specs,
@@ -64,7 +65,7 @@ EXPECTED = {
 
 
 def test_rules_give_the_measured_layout(abstract_params, mesh):
-    specs = _flat(param_specs(abstract_params, mesh))
+    specs = _flat(param_specs(abstract_params, mesh, RULES))
     for path, spec in EXPECTED.items():
         assert specs[path] == spec, path
     assert specs["params/bert/encoder/layer/0/output/dense/bias"] == P()
@@ -84,7 +85,7 @@ def test_axis_that_does_not_divide_is_dropped(mesh):
         "encoder": {"layer": {"0": {"attention": {"self": {"query": {"kernel": sds((31, 32), jnp.float32),
                                                                      "bias": sds((33,), jnp.float32)}}}}}},
     }}}
-    specs = _flat(param_specs(tree, mesh))
+    specs = _flat(param_specs(tree, mesh, RULES))
     assert specs["params/bert/embeddings/word_embeddings/embedding"] == P()
     assert specs["params/bert/encoder/layer/0/attention/self/query/kernel"] == P(None, "tensor")
     assert specs["params/bert/encoder/layer/0/attention/self/query/bias"] == P()
@@ -100,8 +101,8 @@ def test_multi_axis_entry_keeps_the_axes_that_divide(mesh):
 def test_optimizer_state_gets_the_param_specs(abstract_params, mesh):
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.01))
     opt_state = jax.eval_shape(tx.init, abstract_params)
-    param_flat = _flat(param_specs(abstract_params, mesh))
-    opt_flat = _flat(param_specs(opt_state, mesh))
+    param_flat = _flat(param_specs(abstract_params, mesh, RULES))
+    opt_flat = _flat(param_specs(opt_state, mesh, RULES))
     for moment in ("mu", "nu"):
         moved = {p.split(f"/{moment}/", 1)[1]: s for p, s in opt_flat.items() if f"/{moment}/" in p}
         assert moved == param_flat
@@ -109,7 +110,7 @@ def test_optimizer_state_gets_the_param_specs(abstract_params, mesh):
 
 
 def test_jit_out_shardings_place_leaves_as_specified(model, abstract_params, mesh):
-    shardings = tree_shardings(abstract_params, mesh)
+    shardings = tree_shardings(abstract_params, mesh, RULES)
     params = jax.jit(functools.partial(_init, model), out_shardings=shardings)(jax.random.key(0))
     q = params["params"]["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]["kernel"]
     assert q.sharding.spec == P("fsdp", "tensor")

@@ -7,12 +7,15 @@ import numpy as np
 import optax
 import pytest
 
-from flaxclf import sharding, steps, weights
-from flaxclf.backbone import BertSpec
 from flaxclf.config import MeshConfig, OptimConfig
-from flaxclf.model import BertClassifier
-from flaxclf.optim import make_optimizer
-from flaxclf.vocab import SINGLE
+from flaxclf.hf import weights
+from flaxclf.models.bert import BertClassifier, BertSpec
+from flaxclf.models.bert.families import decays as bert_decays
+from flaxclf.models.registry import ENCODERS
+from flaxclf.options import SINGLE
+from flaxclf.runtime import sharding
+from flaxclf.training import steps
+from flaxclf.training.optim import make_optimizer
 from tests.helpers import adamw_param_bound, f32_bound, query_of, random_batches
 
 NUM_LABELS, LENGTH, SEED = 4, 16, 0
@@ -33,6 +36,8 @@ LEARNING_RATE, STEPS = 1e-3, 3
 #   a parameter is elementwise, from the reference run's second moments after each step.
 LAYER_DEPTH, HEAD_DEPTH, WIDTH = 6, 3, 64
 B2, EPS = OptimConfig.b2, OptimConfig.eps
+
+ALL_RULES = [rule for encoder in ENCODERS.values() for rule in encoder.sharding_rules]  # every encoder's
 
 
 def forward_depth(layers: int) -> int:
@@ -85,7 +90,7 @@ def _model(folder, dropout: bool = True, dtype=jnp.float32) -> BertClassifier:
 
 def _tx(total_steps: int = STEPS):
     # A large rate so that three steps move every trained parameter far beyond the float32 bounds.
-    return make_optimizer(OptimConfig(learning_rate=LEARNING_RATE, warmup_ratio=0.0), total_steps)
+    return make_optimizer(OptimConfig(learning_rate=LEARNING_RATE, warmup_ratio=0.0), total_steps, bert_decays)
 
 
 def _batches(n: int, size: int, vocab: int = 30522) -> list[dict[str, np.ndarray]]:
@@ -103,7 +108,7 @@ def _train(model, host, mesh, batches, accum_steps: int = 1, tx=None):
     """Runs one step per batch; returns (losses, final state, initial state's sharding specs, Adam's second
     moment after each step by path)."""
     tx = tx or _tx()
-    shardings = steps.state_shardings(steps.abstract_state(model, tx, jnp.float32), mesh)
+    shardings = steps.state_shardings(steps.abstract_state(model, tx, jnp.float32), mesh, model)
     state = steps.create_state(host, tx, shardings, SEED)
     created = _specs(state)
     assert {x.sharding.mesh for x in jax.tree.leaves(state)} == {mesh}
@@ -133,7 +138,7 @@ def _specs(state) -> dict[str, tuple]:
     for kp, x in jax.tree_util.tree_leaves_with_path(state):
         path, mesh = sharding.path_str(kp), x.sharding.mesh
         assert mesh.devices.size == len(x.sharding.device_set), path
-        out[path] = (x.sharding.spec, sharding.spec_for(path, x.shape, mesh))
+        out[path] = (x.sharding.spec, sharding.spec_for(path, x.shape, mesh, ALL_RULES))
     return out
 
 
@@ -262,7 +267,7 @@ FAMILY_SPECS = {
 @pytest.mark.parametrize("family", list(FAMILY_SPECS))
 def test_each_family_sharded_step_equals_single_device(family):
     """Three dropout-on steps of each family on a (2, 2, 2) mesh: the single-device losses and parameters."""
-    from flaxclf.model import ClassifierConfig, init_params
+    from flaxclf.models.classifier import ClassifierConfig, init_params
 
     model = BertClassifier(ClassifierConfig(backbone=FAMILY_SPECS[family], num_labels=NUM_LABELS,
                                             problem_type=SINGLE))
@@ -279,8 +284,8 @@ def test_modernbert_sharded_step_equals_single_device(remat):
     """ModernBERT (2 global and 2 local layers, a window shorter than the rows, every dropout on, biases on) on a
     (2, 2, 2) mesh: three steps give the single-device losses and parameters; with remat too (layers 1 and 2 as
     a checkpointed scan over stacked parameters, its dropout keys split from the step's)."""
-    from flaxclf.model import ClassifierConfig, init_params, make_classifier
-    from flaxclf.modernbert import ModernBertSpec
+    from flaxclf.models.classifier import ClassifierConfig, init_params, make_classifier
+    from flaxclf.models.modernbert import ModernBertSpec
 
     spec = ModernBertSpec(vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
                           num_attention_heads=4, global_attn_every_n_layers=2, local_attention=8,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flaxclf import stopping
+from flaxclf.training import stopping
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,8 +40,8 @@ def test_the_scripted_sequence_stops_where_the_hand_computation_says():
 
 
 def test_a_run_stops_at_the_predicted_step_and_exports_its_best(tmp_path, tiny_model_dir, monkeypatch):
-    from flaxclf import train
     from flaxclf.config import load_config
+    from flaxclf.training import loop as train
 
     calls = []
 

@@ -8,8 +8,8 @@ import pytest
 
 from flaxclf.config import load_config
 from flaxclf.data import load_task
-from flaxclf.runlog import read_records
-from flaxclf.train import TrainingError, run
+from flaxclf.training.loop import TrainingError, run
+from flaxclf.training.metrics_log import read_records
 from tests.torch_ref import needs_torch
 
 pytestmark = pytest.mark.journey

@@ -12,7 +12,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file, save_file
 
-from flaxclf.weights import WeightsError, export_hf, from_pretrained
+from flaxclf.hf.weights import WeightsError, export_hf, from_pretrained
 from tests.torch_ref import (
     TINY,
     batch,

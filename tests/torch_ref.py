@@ -5,7 +5,7 @@ checkpoints and batches."""
 import numpy as np
 import pytest
 
-from flaxclf.backbone import hf_flax_problem
+from flaxclf.options import hf_flax_problem
 
 TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
             max_position_embeddings=64, type_vocab_size=2)
@@ -62,9 +62,9 @@ def saved_classifier(tmp_path, num_labels=3, seed=0):
     a checkpoint on disk but compare against no PyTorch model."""
     import jax
 
-    from flaxclf.backbone import BertSpec
-    from flaxclf.model import BertClassifier, ClassifierConfig, init_params
-    from flaxclf.weights import export_hf
+    from flaxclf.hf.weights import export_hf
+    from flaxclf.models.bert import BertClassifier, BertSpec
+    from flaxclf.models.classifier import ClassifierConfig, init_params
 
     config = ClassifierConfig(backbone=BertSpec(**TINY), num_labels=num_labels)
     params = init_params(BertClassifier(config), jax.random.PRNGKey(seed))

@@ -21,12 +21,12 @@ from flaxclf.data.batches import (
 )
 from flaxclf.data.load import load_task
 from flaxclf.data.readers import read_texts
-from flaxclf.data.tokens import load_tokenizer, max_positions, tokenizer_hash
+from flaxclf.data.tokens import load_tokenizer, tokenizer_hash
 from flaxclf.data.types import SPLITS, DataError, Task, TokenizedSplit
-from flaxclf.vocab import MULTI, REGRESSION, SINGLE
+from flaxclf.options import MULTI, REGRESSION, SINGLE
 
 __all__ = ["FIELDS", "MULTI", "REGRESSION", "SINGLE", "SPLITS", "DataError", "Task", "TokenizedSplit",
            "TrainBatches", "batch_structs", "bucket_lengths", "eval_batch_counts", "eval_batches", "eval_lengths",
            "eval_plan", "host_rows",
-           "load_task", "load_tokenizer", "local_batch_size", "max_positions", "read_texts", "tokenizer_hash",
+           "load_task", "load_tokenizer", "local_batch_size", "read_texts", "tokenizer_hash",
            "train_batch_counts", "train_epoch_plan"]

@@ -18,7 +18,7 @@ import numpy as np
 
 from flaxclf.data.readers import MISSING, Table
 from flaxclf.data.types import DataError, Task
-from flaxclf.vocab import MULTI, REGRESSION, SINGLE
+from flaxclf.options import MULTI, REGRESSION, SINGLE
 
 
 @dataclass

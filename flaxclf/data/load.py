@@ -52,13 +52,14 @@ def _printer(process_index: int) -> Callable[[str], None]:
 
 def load_task(cfg: DataConfig, model_dir: Path, process_index: int | None = None,
               process_count: int | None = None, *, train_batch_size: int | None = None,
-              ) -> tuple[Task, dict[str, TokenizedSplit]]:
+              max_positions: int | None = None) -> tuple[Task, dict[str, TokenizedSplit]]:
     """Reads, checks and labels every split, then tokenizes (or loads from the cache) this process's share.
 
     Returns the Task and the splits present among train/validation/test. process_index/process_count
     default to jax's; pass them to load one host's share explicitly. train_batch_size (the global batch size)
     shards the train split into batch slots, as TrainBatches needs on more than one process; None shares it
-    as rows i % process_count.
+    as rows i % process_count. max_positions, the longest input the model takes (flaxclf.hf.config.max_positions),
+    refuses a longer data.max_length before any file is read.
     """
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
@@ -66,7 +67,7 @@ def load_task(cfg: DataConfig, model_dir: Path, process_index: int | None = None
         raise DataError(f"train.global_batch_size {train_batch_size} does not divide over {pc} processes; use a "
                         f"positive multiple of {pc}")
     model_dir = Path(model_dir)
-    limit = tokens.max_positions(model_dir)
+    limit = max_positions
     if limit is not None and cfg.max_length > limit:
         raise DataError(f"data.max_length {cfg.max_length} is above the {limit} tokens the model's position "
                         f"embeddings hold ({model_dir / 'config.json'}); use data.max_length <= {limit}")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flaxclf.data.types import DataError
-from flaxclf.vocab import MULTI, REGRESSION, SINGLE
+from flaxclf.options import MULTI, REGRESSION, SINGLE
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flaxclf.data.types import SPLITS, DataError
-from flaxclf.vocab import EXTENSIONS, FILE_FORMATS, INPUT_FORMATS
+from flaxclf.options import EXTENSIONS, FILE_FORMATS, INPUT_FORMATS
 
 RT_LABELS = ["very negative", "negative", "positive", "very positive"]
 MISSING = object()  # a JSONL key absent from one row

@@ -21,7 +21,7 @@ from flaxclf import assets
 from flaxclf.data import long_text
 from flaxclf.data.long_text import LongText
 from flaxclf.data.types import DataError
-from flaxclf.files import apply_umask
+from flaxclf.runtime.outputs import apply_umask
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 _CACHE_VERSION = "2"
@@ -29,21 +29,6 @@ _ARRAYS = ("input_ids", "token_type_ids", "offsets", "full_lengths", "doc")
 # BertTokenizerFast's arguments (with its defaults) and the normalizer fields it rebuilds them into.
 _BERT_NORMALIZER = {"do_lower_case": ("lowercase", True), "strip_accents": ("strip_accents", None),
                     "tokenize_chinese_chars": ("handle_chinese_chars", True)}
-
-
-def max_positions(model_dir: Path) -> int | None:
-    """The longest max_length the model takes (its max_position_embeddings, less RoBERTa's padding_idx + 1
-    unused rows); None without a config.json."""
-    from flaxclf.backbone import spec_from_hf
-
-    path = model_dir / "config.json"
-    if not path.is_file():
-        return None
-    hf = json.loads(path.read_text())
-    try:
-        return spec_from_hf(hf).max_length
-    except ValueError:  # a model flaxclf does not load: reading its weights says so, in its own words
-        return hf.get("max_position_embeddings")
 
 
 def require_tokenizer(model_dir: Path) -> None:

@@ -17,7 +17,7 @@ class DataError(ValueError):
 class Task:
     """What the data says about the problem."""
 
-    problem_type: str  # SINGLE, MULTI or REGRESSION (flaxclf.vocab)
+    problem_type: str  # SINGLE, MULTI or REGRESSION (flaxclf.options)
     label_names: list[str]  # id -> name; [] for regression
     num_labels: int
     train_labels: np.ndarray | None = None  # every kept training text's label (the same on every process)

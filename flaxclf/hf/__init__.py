@@ -1,0 +1,1 @@
+"""The Hugging Face boundary: config.json, checkpoints in (safetensors, msgpack, .bin) and export out."""

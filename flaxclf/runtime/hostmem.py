@@ -1,0 +1,121 @@
+"""Host memory: keep the memory XLA:CPU frees inside the process, so that the next step does not page-fault it in.
+
+XLA:CPU allocates each call's temporary buffers as one block (over a GB for the MiniLM train step) with malloc
+and frees it when the call ends. glibc serves any block over 32 MB with a fresh mmap and returns it with munmap,
+so every step touched that many new pages, and paid their page faults again (more when a VM's free page
+reporting had handed them back to the host in between). With glibc told to serve everything from its one main
+heap and never give it back, the second and later steps fault no page (figures: bench/README.md, "Host
+memory"). The cost is that the process keeps its peak heap for its
+lifetime, unless a HeapCap trims it: the train loop caps it at one step's working set (train.host_memory_cap_gb).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import threading
+
+# mallopt(3) parameters (glibc's malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+
+OPT_OUT = "FLAXCLF_KEEP_FREED_MEMORY"  # set to 0 to leave malloc as it is
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep freed memory for reuse; True if it took effect.
+
+    Call it early, before the first jax computation: threads that malloc'd before it keep their own arenas,
+    and an arena other than the main one maps big blocks afresh whatever the settings. Only the process's
+    malloc changes: results are bit-identical. A no-op (False) off glibc or with FLAXCLF_KEEP_FREED_MEMORY=0.
+    """
+    if os.environ.get(OPT_OUT, "1") == "0" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    global _kept
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+    # One arena: every thread allocates from the main heap, which grows with brk and keeps what is freed
+    # (other arenas are capped at 64 MB and map bigger blocks with mmap). No mmap: big blocks come from that
+    # heap too. Trim threshold -1 (SIZE_MAX): free never hands the heap's top back to the kernel.
+    _kept = all(mallopt(param, value) == 1
+                for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+    return _kept
+
+
+# Whether keep_freed_memory() took effect in this process (only then is there a kept heap to cap).
+_kept = False
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def resident_bytes() -> int:
+    """The process's resident memory now (Linux /proc; 0 elsewhere)."""
+    try:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def held_bytes() -> int | None:
+    """Resident memory less the heap's free bytes: what the process holds in use, code and libraries included
+    (glibc >= 2.33's mallinfo2); None where it can't say."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        return max(resident_bytes() - int(libc.mallinfo2().fordblks), 0)
+    except (OSError, AttributeError):
+        return None
+
+
+class HeapCap:
+    """Gives the kept heap's free pages back to the kernel (malloc_trim) whenever the resident memory passes
+    `limit` bytes, checked every `every` seconds on a thread of its own. When what is in use is itself above the
+    limit (a trim gives back too little), the next trim waits until another `margin` bytes are resident, so
+    that a big step is not trimmed over and over for nothing.
+
+    Why: a heap that is never trimmed only grows. XLA:CPU's per-call temporaries differ with each bucket's
+    shape, small long-lived blocks land in the holes that big ones leave, and the next big block no longer fits
+    in any hole, and the heap grows to a multiple of what it holds (bench/README.md). Trimming above a cap
+    that holds one step's working set bounds that, and costs a step its page faults only on the rare trims."""
+
+    def __init__(self, limit: int, every: float = 0.2, margin: int = 256 * 2**20):
+        self.limit, self.every, self.margin, self.trims = int(limit), every, margin, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="flaxclf-heap-cap", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+        floor = 0  # resident bytes after the last trim, while those stay above the limit
+        while not self._stop.wait(self.every):
+            resident = resident_bytes()
+            if resident <= self.limit:
+                floor = 0
+            elif resident > floor + self.margin:
+                trim(0)
+                self.trims += 1
+                floor = resident_bytes()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def cap_heap(limit: int) -> HeapCap | None:
+    """A HeapCap at `limit` bytes where keep_freed_memory() took effect (elsewhere malloc returns big blocks by
+    itself), and limit > 0."""
+    return HeapCap(limit) if _kept and limit > 0 else None
+
+
+def cap_heap_at_working_set(step_temp_bytes: int) -> HeapCap | None:
+    """cap_heap at one step's working set: what the process holds now (its state, its compiled steps) plus 1.25
+    times the step's XLA temporaries, with room for the batches around it. None where there is nothing to size it
+    by (no mallinfo2, or no temporaries known)."""
+    held = held_bytes()
+    if held is None or step_temp_bytes <= 0:
+        return None
+    return cap_heap(held + int(1.25 * step_temp_bytes))
