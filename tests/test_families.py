@@ -1,5 +1,10 @@
 """Every encoder family against transformers' PyTorch *ForSequenceClassification, on small random configs built
-offline: config.json, logits, loss and gradients, checkpoints in and exports out, and the seed question."""
+offline: config.json, logits, loss and gradients, checkpoints in and exports out, and the seed question.
+
+The harness: a family joins the parity tests (logits from a saved PyTorch classifier, the loss and every
+gradient, the export round trip, the seed question) with one line in CONFIGS, the kwargs of transformers' config
+class for it. The tests reach the model only through flaxclf's interface (from_pretrained, make_classifier,
+encode, classify, the family's names), whatever encoder computes it."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +13,11 @@ import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from flaxclf.hf.weights import WeightsError, export_hf, flax_to_pt, from_pretrained
-from flaxclf.models.bert import BertClassifier, BertSpec
-from flaxclf.models.classifier import ClassifierConfig, init_params
+from flaxclf.models import bert
+from flaxclf.models.bert import BertSpec
+from flaxclf.models.classifier import ClassifierConfig, init_params, make_classifier
+from flaxclf.models.interface import EncoderSpec
+from flaxclf.models.registry import family_of
 from flaxclf.options import SINGLE
 from flaxclf.training import losses
 from tests.helpers import f32_bound
@@ -31,8 +39,12 @@ CONFIGS = {
     "distilbert": dict(vocab_size=120, dim=32, n_layers=2, n_heads=4, hidden_dim=48, max_position_embeddings=64),
     "albert": dict(_BASE, embedding_size=16, num_hidden_layers=3, hidden_act="gelu_new", type_vocab_size=2,
                    hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1),
+    # Layers 0 and 2 global, 1 and 3 local with a window of 4 on each side (tests/test_modernbert.py: the rest).
+    "modernbert": dict(vocab_size=120, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                       global_attn_every_n_layers=2, local_attention=8, max_position_embeddings=64, pad_token_id=0),
 }
 CASES = [*CONFIGS, "albert-2-groups"]
+BERT_LIKE = [t for t in CONFIGS if t in bert.families.MODEL_TYPES]  # the tests of what the BERT encoder does
 
 # ---------------------------------------------------------------------------------------------- float32 bounds
 # Against transformers, f32_bound (tests/helpers.py derives it) with:
@@ -71,7 +83,7 @@ def _hf_kwargs(case: str) -> tuple[str, dict]:
     return case, CONFIGS[case]
 
 
-def _batch(spec: BertSpec, b: int = 4, length: int = 12, seed: int = 0) -> dict[str, np.ndarray]:
+def _batch(spec: EncoderSpec, b: int = 4, length: int = 12, seed: int = 0) -> dict[str, np.ndarray]:
     """Padding of different lengths (pad ids where the mask is 0) and, where the family has them, two segments."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(5, spec.vocab_size, (b, length))
@@ -86,7 +98,7 @@ def _batch(spec: BertSpec, b: int = 4, length: int = 12, seed: int = 0) -> dict[
     return dict(input_ids=ids, attention_mask=mask, token_type_ids=tt)
 
 
-def _torch_inputs(spec: BertSpec, b: dict) -> dict:
+def _torch_inputs(spec: EncoderSpec, b: dict) -> dict:
     torch = needs_torch()
     out = {k: torch.tensor(v) for k, v in b.items()}
     if not spec.family.token_types:
@@ -104,7 +116,7 @@ def _torch_classifier(case: str, num_labels: int = 3, seed: int = 0):
     torch.manual_seed(seed)
     cfg = transformers.AutoConfig.for_model(model_type, **kwargs, num_labels=num_labels)
     model = transformers.AutoModelForSequenceClassification.from_config(cfg, attn_implementation="eager").eval()
-    prefix = BertSpec(model_type=model_type).family.prefix
+    prefix = family_of(model_type).prefix
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not name.startswith(prefix + "."):
@@ -116,7 +128,7 @@ def _ours_logits(model, params, b):
     return np.asarray(model.apply(params, **{k: jnp.asarray(v) for k, v in b.items()}))
 
 
-@pytest.mark.parametrize("model_type", list(CONFIGS))
+@pytest.mark.parametrize("model_type", BERT_LIKE)
 def test_config_json_reads_with_the_config_class_defaults(model_type, tmp_path):
     """A sparse config.json (only model_type) gives transformers' class defaults, under each family's key names;
     a full one gives its values; and ours written back reads as the same config in transformers."""
@@ -211,10 +223,11 @@ def test_export_loads_in_pytorch_and_comes_back_bit_exact(case, tmp_path):
     model_type, kwargs = _hf_kwargs(case)
     hf = transformers.AutoConfig.for_model(model_type, **kwargs, num_labels=3).to_dict()
     config = ClassifierConfig.from_hf(hf)
-    model = BertClassifier(config)
+    model = make_classifier(config)
     params = init_params(model, jax.random.PRNGKey(0))
     flat = flatten_dict(params["params"])
-    for i, path in enumerate(sorted(p for p in flat if p[0] != "bert")):  # a trained-looking head
+    head = ("classifier", config.backbone.family.head_path)
+    for i, path in enumerate(sorted(p for p in flat if p[0] in head)):  # a trained-looking head
         flat[path] = 0.5 * jax.random.normal(jax.random.PRNGKey(10 + i), flat[path].shape)
     params = {"params": unflatten_dict(flat)}
     export_hf(tmp_path / "out", config, params, tokenizer_dir=None)
@@ -241,7 +254,7 @@ PRETRAINING = {"bert": "BertForPreTraining", "roberta": "RobertaForMaskedLM", "x
 
 
 @pytest.mark.parametrize("kind", ["pretraining", "base"])
-@pytest.mark.parametrize("model_type", list(CONFIGS))
+@pytest.mark.parametrize("model_type", BERT_LIKE)
 def test_pretraining_and_base_checkpoints_load_with_only_the_head_new(model_type, kind, tmp_path, caplog):
     """The encoder comes from the checkpoint (same final hidden states as torch's), the other task's head is
     ignored, the classification head alone is new; a checkpoint missing an encoder weight is refused by name."""
@@ -264,7 +277,7 @@ def test_pretraining_and_base_checkpoints_load_with_only_the_head_new(model_type
     base = ref if kind == "base" else getattr(ref, spec.family.prefix)
     with torch.no_grad():
         want = base(**_torch_inputs(spec, b)).last_hidden_state.numpy()
-    got = model.apply(params, **{k: jnp.asarray(v) for k, v in b.items()}, method=BertClassifier.encode)
+    got = model.apply(params, **{k: jnp.asarray(v) for k, v in b.items()}, method="encode")
     real = b["attention_mask"].astype(bool)
     # The encoder's output: its layers' matmuls and an embedding projection, at the states' magnitude.
     diff = _max_abs(np.asarray(got)[real] - want[real])
@@ -289,7 +302,7 @@ def test_the_seed_question_each_head_reads_position_zero_alone(case):
 
     model_type, kwargs = _hf_kwargs(case)
     config = ClassifierConfig.from_hf(transformers.AutoConfig.for_model(model_type, **kwargs, num_labels=3).to_dict())
-    model = BertClassifier(config)
+    model = make_classifier(config)
     params = init_params(model, jax.random.PRNGKey(0))
     b = _batch(config.backbone)
     hidden = jax.random.normal(jax.random.PRNGKey(1), (4, 12, config.backbone.hidden_size))
@@ -298,8 +311,7 @@ def test_the_seed_question_each_head_reads_position_zero_alone(case):
         rngs = None if deterministic else {"dropout": jax.random.PRNGKey(2)}
 
         def logits(h, deterministic=deterministic, rngs=rngs):
-            return np.asarray(model.apply(params, h, mask, deterministic=deterministic, method=BertClassifier.classify,
-                                          rngs=rngs))
+            return np.asarray(model.apply(params, h, mask, deterministic=deterministic, method="classify", rngs=rngs))
 
         base = logits(hidden)
         others = hidden.at[:, 1:].add(jax.random.normal(jax.random.PRNGKey(3), hidden[:, 1:].shape))
@@ -310,20 +322,21 @@ def test_the_seed_question_each_head_reads_position_zero_alone(case):
 
 @pytest.mark.parametrize("model_type", list(CONFIGS))
 def test_no_large_matrix_is_replicated_by_accident(model_type):
-    """Under a (2, 2, 2) mesh the rule table shards every matrix of hidden_size^2 elements or more, in every
+    """Under a (2, 2, 2) mesh its encoder's rules shard every matrix of hidden_size^2 elements or more, in every
     family's parameter tree (and so in its optimizer state, which keeps the paths)."""
     pytest.importorskip("transformers")
     import transformers
 
     from flaxclf.config import MeshConfig
-    from flaxclf.models import bert
     from flaxclf.models.classifier import dummy_inputs
+    from flaxclf.models.registry import encoder_of
     from flaxclf.runtime.sharding import make_mesh, param_specs, path_str
 
     kwargs = dict(CONFIGS[model_type], vocab_size=512)
     config = ClassifierConfig.from_hf(transformers.AutoConfig.for_model(model_type, **kwargs).to_dict())
-    abstract = jax.eval_shape(BertClassifier(config).init, jax.random.PRNGKey(0), **dummy_inputs())
-    specs = param_specs(abstract, make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)), bert.ENCODER.sharding_rules)
+    abstract = jax.eval_shape(make_classifier(config).init, jax.random.PRNGKey(0), **dummy_inputs())
+    rules = encoder_of(config.backbone).sharding_rules
+    specs = param_specs(abstract, make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)), rules)
     large = config.backbone.hidden_size ** 2
     leaves = jax.tree_util.tree_leaves_with_path(abstract)
     spec_of = {path_str(kp): s for kp, s in jax.tree_util.tree_leaves_with_path(
@@ -394,11 +407,11 @@ def test_a_pooling_override_replaces_the_familys_dense_layer_and_export_refuses_
     spec = BertSpec(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
                     max_position_embeddings=66, model_type=model_type)
     config = ClassifierConfig(backbone=spec, num_labels=3)
-    export_hf(tmp_path / "clf", config, init_params(BertClassifier(config), jax.random.PRNGKey(0)), None)
+    export_hf(tmp_path / "clf", config, init_params(make_classifier(config), jax.random.PRNGKey(0)), None)
     model, params = from_pretrained(str(tmp_path / "clf"), pooling="mean")
     assert set(params["params"]) == {"bert", "classifier"}
     b = _batch(spec)
-    hidden = model.apply(params, **{k: jnp.asarray(v) for k, v in b.items()}, method=BertClassifier.encode)
+    hidden = model.apply(params, **{k: jnp.asarray(v) for k, v in b.items()}, method="encode")
     logits = _ours_logits(model, params, b)
     m = b["attention_mask"][..., None]
     mean = (np.asarray(hidden) * m).sum(1) / m.sum(1)

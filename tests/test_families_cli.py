@@ -1,5 +1,7 @@
 """Each family through the real `flaxclf` command: a base checkpoint (encoder only, as a pretraining run leaves
-it) fine-tuned, resumed, inspected, predicted with, and its export read by PyTorch's AutoModel."""
+it) fine-tuned, resumed, inspected, predicted with, and its export read by PyTorch's AutoModel. A family joins
+with one line in SPECS (BERT's own journeys: tests/test_journeys.py; ModernBERT's long inputs, remat and mean
+pooling: tests/test_modernbert_journeys.py)."""
 
 import json
 import shutil
@@ -11,8 +13,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from flaxclf.hf.weights import TOKENIZER_FILES, to_pt_state
-from flaxclf.models.bert import BertClassifier, BertSpec
-from flaxclf.models.classifier import ClassifierConfig, init_params
+from flaxclf.models.bert import BertSpec
+from flaxclf.models.classifier import ClassifierConfig, init_params, make_classifier
+from flaxclf.models.modernbert import ModernBertSpec
 from flaxclf.options import hf_flax_problem
 from tests.helpers import flaxclf, ok, records, refused, train_args
 from tests.torch_ref import needs_torch
@@ -28,6 +31,9 @@ SPECS = {
     "distilbert": BertSpec(**_SHAPE, model_type="distilbert", type_vocab_size=0),
     "albert": BertSpec(**dict(_SHAPE, num_hidden_layers=3), model_type="albert", embedding_size=16,
                        hidden_act="gelu_new"),
+    "modernbert": ModernBertSpec(vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, global_attn_every_n_layers=2, local_attention=8,
+                                 max_position_embeddings=66, pad_token_id=0),
 }
 
 
@@ -37,7 +43,7 @@ def base_dir(request, tmp_path_factory, minilm_dir) -> Path:
     no classification head, a config.json that names the base architecture."""
     spec = SPECS[request.param]
     folder = tmp_path_factory.mktemp(f"base-{request.param}")
-    params = init_params(BertClassifier(ClassifierConfig(backbone=spec, num_labels=2)), jax.random.PRNGKey(0))
+    params = init_params(make_classifier(ClassifierConfig(backbone=spec, num_labels=2)), jax.random.PRNGKey(0))
     state = {k: v for k, v in to_pt_state(params, spec.family).items() if k.startswith(spec.family.prefix + ".")}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     arch = spec.family.architectures[spec.model_type].replace("ForSequenceClassification", "Model")
@@ -80,7 +86,8 @@ def test_fine_tune_resume_inspect_predict_and_export(base_dir, tmp_path):
     model, info = transformers.AutoModelForSequenceClassification.from_pretrained(export, output_loading_info=True)
     assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     tok = transformers.AutoTokenizer.from_pretrained(export)
-    enc = tok(texts, padding=True, return_tensors="pt", return_token_type_ids=model.config.model_type != "distilbert")
+    token_types = SPECS[model.config.model_type].family.token_types
+    enc = tok(texts, padding=True, return_tensors="pt", return_token_type_ids=token_types)
     with torch.no_grad():
         probs = torch.softmax(model.eval()(**enc).logits, -1).numpy()
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
@@ -95,7 +102,7 @@ def test_impl_hf_is_refused_for_another_family_in_one_line(tmp_path, minilm_dir)
 
     spec = SPECS["roberta"]
     config = ClassifierConfig(backbone=spec, num_labels=2)
-    export_hf(tmp_path / "roberta", config, init_params(BertClassifier(config), jax.random.PRNGKey(0)), minilm_dir)
+    export_hf(tmp_path / "roberta", config, init_params(make_classifier(config), jax.random.PRNGKey(0)), minilm_dir)
     p = flaxclf(*train_args(tmp_path / "roberta", tmp_path / "run", "model.impl=hf", "train.max_steps=2"))
     if hf_flax_problem() is None:
         refused(p, "train", "model.impl=hf is transformers' FlaxBertModule, for BERT", "is a roberta model")

@@ -2,8 +2,8 @@
 once while the weights load, and JAX's persistent compilation cache in flaxclf's cache folder, so that a second
 run of the same job reads its executables instead of compiling them.
 
-Each bucket length is its own executable (flaxclf.data.batches), and compiling one takes seconds: the default
-job's 7 train and 7 eval shapes take ~85 s on 2 cores; from the cache they load in ~6 s (bench/README.md).
+Each bucket length is its own executable (flaxclf.data.batches), and compiling one takes seconds; from the cache
+an executable loads in a fraction of that (bench/README.md, section 5).
 """
 
 from __future__ import annotations
@@ -139,8 +139,8 @@ class StepCache:
     """The job's step executables on disk, keyed by everything they are made from (flaxclf's source, the
     libraries, the machine, the caller's description of the step's settings and the arguments' shapes, dtypes
     and shardings), so that a later run loads them without tracing or lowering: JAX's own cache keys on the
-    lowered program, and tracing and lowering the default job's 14 steps take ~13 s of the ~20 s a warm start
-    would spend. A file that can't be read is compiled again; one that can't be written is skipped."""
+    lowered program, and tracing and lowering are most of what a warm start would spend (bench/README.md,
+    section 8). A file that can't be read is compiled again; one that can't be written is skipped."""
 
     def __init__(self, folder: Path, devices: list, max_bytes: int = CACHE_MAX_BYTES // 4):
         self.folder, self.devices, self.max_bytes = folder, devices, max_bytes
