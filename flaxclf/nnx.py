@@ -1,9 +1,9 @@
 """The classifier as a `flax.nnx` module, for code written in NNX.
 
-It wraps the linen classifier (`BertClassifier`, `ModernBertClassifier`) with `flax.nnx.bridge.ToNNX` rather than re-implementing it: one encoder
-(`flaxclf.models.bert.encoder`, parity-tested against PyTorch, with its [CLS]-only last layer) serves both faces, so the
-two can't drift, and the wrapper compiles to the same XLA program. Its parameters keep the linen tree
-(bert/..., pooler/dense, classifier), so checkpoints, the sharding rules and the HF export apply unchanged.
+It wraps the linen classifier (`BertClassifier`, `ModernBertClassifier`) with `flax.nnx.bridge.ToNNX` rather than
+re-implementing it: one encoder (parity-tested against PyTorch) serves both faces, so the two can't drift, and the
+wrapper compiles to the same XLA program. Its parameters keep the linen tree, so checkpoints, the sharding rules
+and the HF export apply unchanged.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from flax import nnx
 from flax.nnx import bridge
 
 from flaxclf.hf.weights import export_hf, from_pretrained
-from flaxclf.models.interface import Classifier
 from flaxclf.models.classifier import dummy_inputs
+from flaxclf.models.interface import Classifier
 
 
 def to_nnx(model: Classifier, params: dict, seed: int = 0) -> bridge.ToNNX:
