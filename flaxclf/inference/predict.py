@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxclf import assets, data
-from flaxclf.config import DataConfig, RunConfig, from_dict
+from flaxclf.config import DataConfig, MeshConfig, RunConfig, from_dict
 from flaxclf.data import long_text, tokens
 from flaxclf.data.long_text import LongText
 from flaxclf.hf import config as hf_config
@@ -23,6 +23,7 @@ from flaxclf.hf import weights
 from flaxclf.models.classifier import make_classifier
 from flaxclf.models.interface import Classifier
 from flaxclf.options import HF_POOLING, MULTI, REGRESSION, SINGLE
+from flaxclf.runtime import sharding
 
 log = logging.getLogger("flaxclf")
 
@@ -123,9 +124,7 @@ def run_config(run_dir: Path) -> RunConfig:
 def _load_run(run_dir: Path, step: str | int | None, max_length: int | None) -> Loaded:
     """A run's checkpoint (params only, on one device), or its export/ folder when it has no checkpoints."""
     if (run_dir / "checkpoints").is_dir():
-        from flaxclf.config import MeshConfig
-        from flaxclf.inference import runs
-        from flaxclf.runtime import sharding
+        from flaxclf.inference import runs  # orbax: only a run with checkpoints needs it
 
         one_device = sharding.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
         model, params, meta = runs.load_params_for_inference(run_dir, step, mesh=one_device)

@@ -21,6 +21,9 @@ from typing import Any
 
 import jax
 
+from flaxclf import assets
+from flaxclf.runtime.timing import STEP_LOAD_EVENT
+
 CACHE_MAX_BYTES = 4 * 2**30
 log = logging.getLogger(__name__)
 
@@ -91,8 +94,6 @@ def enable_configured_cache(train_cfg: Any) -> Path | None:
     flaxclf's cache folder): `flaxclf train` and the commands that load a run enable the same one."""
     if not train_cfg.compilation_cache:
         return None
-    from flaxclf import assets
-
     return enable_cache(Path(train_cfg.compilation_cache_dir or assets.cache_root() / "xla"))
 
 
@@ -158,8 +159,6 @@ class StepCache:
 
         from jax import monitoring
         from jax.experimental import serialize_executable
-
-        from flaxclf.runtime.timing import STEP_LOAD_EVENT
 
         start = time.perf_counter()
         try:

@@ -20,7 +20,7 @@ from flaxclf.data import long_text
 from flaxclf.hf import weights
 from flaxclf.options import HF_POOLING
 from flaxclf.runtime import sharding, timing
-from flaxclf.training import losses, metrics, rundir, stopping
+from flaxclf.training import losses, metrics, plots, rundir, stopping
 from flaxclf.training.checkpoint import lower_is_better
 from flaxclf.training.job import Job, heap_cap, meta, setup
 from flaxclf.training.metrics_log import RunLog
@@ -235,8 +235,6 @@ def run(cfg: RunConfig, show_progress: bool = True, clock: timing.Clock | None =
 def _draw_plots(run_dir: Path, log: RunLog) -> list[str]:
     """PNGs under <run_dir>/plots (flaxclf.training.plots); a failure to draw is reported, never fatal to a
     finished run."""
-    from flaxclf.training import plots
-
     try:
         return [str(p) for p in plots.write_plots(run_dir)]
     except Exception as e:  # a plotting problem must not cost the trained model

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxclf.models.bert.encoder import FastBertModule
+from flaxclf.models.bert.hf_flax import hf_flax_bert_module
 from flaxclf.nn.activations import ACTIVATIONS
 from flaxclf.nn.pooling import pool
 from flaxclf.options import CLS_POOLINGS, HF_POOLING
@@ -52,8 +53,6 @@ class BertClassifier(nn.Module):
         if self.impl == "fast":
             self.bert = FastBertModule(spec, dtype=self.dtype, remat=self.remat)
         else:
-            from flaxclf.models.bert.hf_flax import hf_flax_bert_module  # transformers: only impl=hf needs it
-
             flax_bert_module = hf_flax_bert_module()
             self.bert = flax_bert_module(spec.to_hf_config(), dtype=self.dtype, add_pooling_layer=False,
                                          gradient_checkpointing=self.remat)
