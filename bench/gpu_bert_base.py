@@ -3,7 +3,7 @@ autocast, each at the largest batch that fits, in examples/s and MFU.
 
 Model: BERT-base from BertConfig() with random weights (the GPU machine has no internet, so no checkpoint is
 fetched; speed does not depend on the values), 4 labels, length 128, dropout on, global-norm clipping 1.0,
-AdamW. flaxclf: the job's own step (flaxclf.training.steps.compile_steps, 1-device mesh, fast_bert backbone,
+AdamW. flaxclf: the job's own step (flaxclf.training.steps.compile_steps, 1-device mesh, flaxclf's BERT encoder,
 dtype=bfloat16). PyTorch: transformers' BertForSequenceClassification (SDPA attention), torch.autocast(bf16),
 fused AdamW when CUDA is there, clip_grad_norm_.
 
@@ -17,7 +17,7 @@ tokens + attention = 67.6 GFLOP per sequence of 128 (forward + backward); in gen
 The formula is the full model's for both systems; flaxclf's [CLS]-only last layer does ~8% less of it on
 BERT-base (nearly all of one layer in 12: it projects no keys or values and computes position 0 alone), so its
 MFU counts model FLOPs, not executed ones.
-flaxclf's bf16 is fast_bert's mixed precision (bf16 matmuls with fp32 accumulation, fp32 elementwise), as
+flaxclf's bf16 is its encoder's mixed precision (bf16 matmuls with fp32 accumulation, fp32 elementwise), as
 autocast.
 
     .venv/bin/python bench/gpu_bert_base.py                   # on the GPU machine

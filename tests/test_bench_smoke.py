@@ -1,5 +1,5 @@
 """Quick checks behind the bench/ figures: the job's jitted step compiles once per batch shape; the GPU bench's
-FLOP formula. The fast backbone's checks are in tests/test_fast_bert.py."""
+FLOP formula. The BERT encoder's checks are in tests/test_fast_bert.py."""
 
 import sys
 from pathlib import Path

@@ -160,7 +160,7 @@ GELU_OPS, GELU_GRAD_OPS = 5, 11
 
 @pytest.mark.hf
 def test_gelu_is_the_exact_gelu():
-    """fast_bert's GELU (torch's erf formula, with a select below -6 for XLA's fusion) against the closed form
+    """The encoder's GELU (torch's erf formula, with a select below -6 for XLA's fusion) against the closed form
     in float64 (torch, double), values and derivatives over [-12, 12], elementwise to float32's bound. 1 + erf is
     rounded at 1 whatever its size (it cancels below 0), then multiplied by x: a value's error is at the scale of
     max(|exact|, |x|), a derivative's (0.5 (1 + erf) plus a term below 1) at max(|exact|, 1)."""
