@@ -1,7 +1,8 @@
 """Each family through the real `flaxclf` command: a base checkpoint (encoder only, as a pretraining run leaves
-it) fine-tuned, resumed, inspected, predicted with, and its export read by PyTorch's AutoModel. A family joins
-with one line in SPECS (BERT's own journeys: tests/test_journeys.py; ModernBERT's long inputs, remat and mean
-pooling: tests/test_modernbert_journeys.py)."""
+it) fine-tuned, resumed, inspected, predicted with, and its export read by PyTorch's AutoModel. A BERT-like family
+joins with one line in SPECS. BERT's own journeys: tests/test_journeys.py. ModernBERT's (its masked-LM checkpoint
+fine-tuned, a kill -9 and resume, inspect, predict, PyTorch reading the export, long inputs, remat, mean pooling):
+tests/test_modernbert_journeys.py, whose shared runs already carry what a row here would assert."""
 
 import json
 import shutil
@@ -15,7 +16,6 @@ from safetensors.numpy import save_file
 from flaxclf.hf.weights import TOKENIZER_FILES, to_pt_state
 from flaxclf.models.bert import BertSpec
 from flaxclf.models.classifier import ClassifierConfig, init_params, make_classifier
-from flaxclf.models.modernbert import ModernBertSpec
 from flaxclf.options import hf_flax_problem
 from tests.helpers import flaxclf, ok, records, refused, train_args
 from tests.torch_ref import needs_torch
@@ -31,9 +31,6 @@ SPECS = {
     "distilbert": BertSpec(**_SHAPE, model_type="distilbert", type_vocab_size=0),
     "albert": BertSpec(**dict(_SHAPE, num_hidden_layers=3), model_type="albert", embedding_size=16,
                        hidden_act="gelu_new"),
-    "modernbert": ModernBertSpec(vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, global_attn_every_n_layers=2, local_attention=8,
-                                 max_position_embeddings=66, pad_token_id=0),
 }
 
 

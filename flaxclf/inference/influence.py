@@ -18,7 +18,6 @@ import numpy as np
 
 from flaxclf import data
 from flaxclf.inference.predict import Loaded
-from flaxclf.models import registry
 from flaxclf.models.classifier import ClassifierConfig
 from flaxclf.models.interface import Classifier, Rows, count_params
 
@@ -123,7 +122,7 @@ def _table(loaded: Loaded, rows: Rows) -> str:
 def architecture(loaded: Loaded, length: int) -> str:
     """The head as a chain of steps with output shapes (batch 1, padded length `length`) and parameter counts."""
     cfg = loaded.model.config
-    return _table(loaded, registry.encoder_of(cfg.backbone).describe(cfg, loaded.params["params"], length))
+    return _table(loaded, cfg.encoder.describe(cfg, loaded.params["params"], length))
 
 
 # ---------------------------------------------------------------------------------------------- the table

@@ -18,7 +18,6 @@ from flaxclf.models.classifier import dummy_inputs, make_classifier
 from flaxclf.models.interface import Classifier
 from flaxclf.runtime import sharding
 from flaxclf.training.checkpoint import CHECKPOINTS, Checkpointer, CheckpointError, first_line
-from flaxclf.training.steps import model_rules
 
 log = logging.getLogger("flaxclf")
 
@@ -86,7 +85,8 @@ def load_params_for_inference(run_dir: str | Path, step: int | str | None = None
                 abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), **dummy_inputs())
                 abstract = jax.tree.map(
                     lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(cfg.model.param_dtype)), abstract)
-                params = ckpt.restore_params(s, abstract, sharding.tree_shardings(abstract, mesh, model_rules(model)))
+                rules = model.config.encoder.sharding_rules
+                params = ckpt.restore_params(s, abstract, sharding.tree_shardings(abstract, mesh, rules))
             except (CheckpointError, assets.AssetError, weights.WeightsError):
                 raise
             except Exception as e:

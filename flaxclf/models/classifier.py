@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from flaxclf.models import registry
 from flaxclf.models.bert.spec import BertSpec
-from flaxclf.models.interface import Classifier, EncoderSpec
+from flaxclf.models.interface import Classifier, Encoder, EncoderSpec
 from flaxclf.options import HF_POOLING, POOLINGS, PROBLEM_TYPES, REGRESSION, Pooling
 
 
@@ -40,6 +40,12 @@ class ClassifierConfig:
             raise ValueError(f"regression needs num_labels == 1, got {self.num_labels}")
         if self.label_names and len(self.label_names) != self.num_labels:
             raise ValueError(f"{len(self.label_names)} label names for num_labels={self.num_labels}")
+
+    @property
+    def encoder(self) -> Encoder:
+        """The encoder folder's entry that computes this classifier: its module, sharding rules, decay rule and
+        inspect's lines."""
+        return registry.encoder_of(self.backbone)
 
     @property
     def head_dropout(self) -> float | None:
@@ -101,7 +107,7 @@ def make_classifier(config: ClassifierConfig, dtype: Any = jnp.float32, remat: b
     """The Flax module of `config`'s family (flaxclf.models.interface.Classifier): BertClassifier for the
     BERT-like families, ModernBertClassifier for ModernBERT, ..."""
     config.backbone.family.check_impl(impl)
-    return registry.encoder_of(config.backbone).make(config, dtype=dtype, remat=remat, impl=impl)
+    return config.encoder.make(config, dtype=dtype, remat=remat, impl=impl)
 
 
 def dummy_inputs(batch: int = 1, length: int = 8) -> dict[str, jax.Array]:

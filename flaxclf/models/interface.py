@@ -72,6 +72,14 @@ class Classifier(Protocol):
 
 Rows = list[tuple[str, str, str]]  # inspect's architecture lines: (what, output shape, parameter count)
 
+# inspect's line for what a pooling hands the head, by model.pooling (ModernBERT's classifier_pooling: cls, mean).
+POSITIONS = {
+    "cls_pooler": "h[:, 0]: position 0 ([CLS]) only",
+    "cls": "h[:, 0]: position 0 ([CLS]) only",
+    "mean": "masked mean over every non-pad position",
+    "max": "masked max over every non-pad position",
+}
+
 
 def count_params(tree: Any) -> int:
     """The number of parameters in a tree (or list) of arrays."""

@@ -17,7 +17,6 @@ from flaxclf.config import ConfigError, RunConfig
 from flaxclf.data import long_text
 from flaxclf.hf import config as hf_config
 from flaxclf.hf import weights
-from flaxclf.models import registry
 from flaxclf.models.classifier import ClassifierConfig, cast_floats, make_classifier
 from flaxclf.models.interface import Classifier
 from flaxclf.runtime import compilation, distributed, hostmem, sharding, timing
@@ -110,7 +109,7 @@ def _setup_model(cfg: RunConfig, clock: timing.Clock, run_dir: Path, mesh, model
     batches = data.TrainBatches(splits["train"], cfg.train.global_batch_size, cfg.data.buckets, cfg.train.seed,
                                 batch_s, prefetch=cfg.data.prefetch)
     total = cfg.train.max_steps or cfg.train.epochs * batches.steps_per_epoch
-    tx = make_optimizer(cfg.optim, total, registry.encoder_of(model.config.backbone).decays)
+    tx = make_optimizer(cfg.optim, total, model.config.encoder.decays)
     abstract = abstract_state(model, tx, jnp.dtype(cfg.model.param_dtype))
     shardings = state_shardings(abstract, mesh, model)
     if cfg.checkpoint.fresh and jax.process_index() == 0:

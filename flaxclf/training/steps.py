@@ -15,7 +15,6 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from flaxclf.models import registry
 from flaxclf.models.classifier import dummy_inputs
 from flaxclf.models.interface import Classifier
 from flaxclf.runtime import sharding
@@ -43,12 +42,7 @@ def abstract_state(model: Classifier, tx: optax.GradientTransformation, param_dt
 
 def state_shardings(abstract: TrainState, mesh: Mesh, model: Classifier) -> TrainState:
     """Every leaf's NamedSharding from the model's encoder's rules (optimizer moments follow their params)."""
-    return sharding.tree_shardings(abstract, mesh, model_rules(model))
-
-
-def model_rules(model: Classifier) -> tuple:
-    """The sharding rules of the model's encoder (flaxclf.models.interface.Encoder.sharding_rules)."""
-    return registry.encoder_of(model.config.backbone).sharding_rules
+    return sharding.tree_shardings(abstract, mesh, model.config.encoder.sharding_rules)
 
 
 def place(host_tree: Any, shardings: Any) -> Any:

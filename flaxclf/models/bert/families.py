@@ -14,7 +14,7 @@ from flax.traverse_util import flatten_dict
 from jax.sharding import PartitionSpec as P
 
 from flaxclf.models.family import Family
-from flaxclf.models.interface import Rows, count_params
+from flaxclf.models.interface import POSITIONS, Rows, count_params
 from flaxclf.options import HF_POOLING
 
 # Module names of transformers' BERT, the canonical tree. "{n}" stands for a layer index.
@@ -115,14 +115,6 @@ SHARDING_RULES: tuple[tuple[str, P], ...] = (
 def decays(path: str) -> bool:
     """HF Trainer's get_decay_parameter_names: every weight but biases and LayerNorm's (embeddings included)."""
     return not (path.endswith("bias") or "LayerNorm" in path)
-
-
-POSITIONS = {
-    "cls_pooler": "h[:, 0]: position 0 ([CLS]) only",
-    "cls": "h[:, 0]: position 0 ([CLS]) only",
-    "mean": "masked mean over every non-pad position",
-    "max": "masked max over every non-pad position",
-}
 
 
 def describe(cfg: Any, p: dict, length: int) -> Rows:

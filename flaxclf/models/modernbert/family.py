@@ -8,7 +8,7 @@ from typing import Any
 from jax.sharding import PartitionSpec as P
 
 from flaxclf.models.family import Family
-from flaxclf.models.interface import Rows, count_params
+from flaxclf.models.interface import POSITIONS, Rows, count_params
 
 FAMILY = Family(
     name="modernbert", architectures={"modernbert": "ModernBertForSequenceClassification"}, prefix="model",
@@ -38,9 +38,6 @@ def decays(path: str) -> bool:
     return not path.endswith(("bias", "scale"))
 
 
-_POSITIONS = {"cls": "h[:, 0]: position 0 ([CLS]) only", "mean": "masked mean over every non-pad position"}
-
-
 def describe(cfg: Any, p: dict, length: int) -> Rows:
     """inspect's lines from the inputs to the logits (batch 1, padded length `length`)."""
     b, d, c = cfg.backbone, cfg.backbone.hidden_size, cfg.num_labels
@@ -56,7 +53,7 @@ def describe(cfg: Any, p: dict, length: int) -> Rows:
         (f"  encoder: {glob} global layers (every {every}, rotary theta {b.global_rope_theta:g}) and "
          f"{b.num_hidden_layers - glob} local (window +-{b.window}, theta {local_theta:g})"
          f", GeGLU {b.intermediate_size}; final norm", "", ""),
-        (f"positions: {_POSITIONS[b.classifier_pooling]}", f"[1, {d}]", "0"),
+        (f"positions: {POSITIONS[b.classifier_pooling]}", f"[1, {d}]", "0"),
         (f"head: norm({b.classifier_activation}(dense {d} -> {d}))", f"[1, {d}]", f"{count_params(p['head']):,}"),
         (f"dropout: p={cfg.dropout_rate:g} (training only)", f"[1, {d}]", "0"),
         (f"classifier: dense {d} -> {c}", f"logits [1, {c}]", f"{count_params(p['classifier']):,}"),
