@@ -1,6 +1,7 @@
 """Attention variants over [B, H, L, Dh] heads: over every key, within a band of positions (dense or banded
-blocks), in chunks of queries, and the [CLS] query alone without projecting keys or values. Scores and softmax
-are fp32; matmul inputs take the compute dtype (flaxclf.nn.matmul)."""
+blocks), in chunks of queries, and a few query rows ([CLS]) without projecting keys or values. Scores and softmax
+are fp32; matmul inputs take the compute dtype (flaxclf.nn.matmul). `mask_BxL` is the 0/1 attention mask, or with
+packed=True each token's segment id (flaxclf.nn.segments): a query then attends only the keys of its own text."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxclf.nn.matmul import mm
+from flaxclf.nn.segments import same_segment
 
 NEG = float(np.finfo(np.float32).min)  # the score of a masked key, as transformers' additive masks use
 
@@ -25,20 +27,20 @@ def softmax_attend(q, k, v, allowed, dtype, drop):
     return mm(probs, v, dtype)
 
 
-def dense_attention(q_BxHxLxDh, k_BxHxLxDh, v_BxHxLxDh, key_mask_BxL, window: int | None = None,
-                    dtype: Any = jnp.float32, drop=None) -> jax.Array:
+def dense_attention(q_BxHxLxDh, k_BxHxLxDh, v_BxHxLxDh, mask_BxL, window: int | None = None,
+                    dtype: Any = jnp.float32, drop=None, packed: bool = False) -> jax.Array:
     """Attention over every key (a global layer, window None) or within |i - j| <= window, building the [L, L]
     scores. `drop` is applied to the probabilities (attention dropout), or None."""
     n = q_BxHxLxDh.shape[2]
-    allowed = key_mask_BxL.astype(bool)[:, None, None, :]
+    allowed = same_segment(mask_BxL[:, None, :, None], mask_BxL[:, None, None, :], packed)
     if window is not None:
         pos = jnp.arange(n)
         allowed = allowed & (jnp.abs(pos[:, None] - pos[None, :]) <= window)
     return softmax_attend(q_BxHxLxDh, k_BxHxLxDh, v_BxHxLxDh, allowed, dtype, drop)
 
 
-def chunked_attention(q_BxHxLxDh, k_BxHxLxDh, v_BxHxLxDh, key_mask_BxL, dtype: Any = jnp.float32,
-                      chunk: int = 512) -> jax.Array:
+def chunked_attention(q_BxHxLxDh, k_BxHxLxDh, v_BxHxLxDh, mask_BxL, dtype: Any = jnp.float32,
+                      chunk: int = 512, packed: bool = False) -> jax.Array:
     """dense_attention(..., window=None) a block of `chunk` queries at a time (lax.map), each block recomputed in
     the backward pass (jax.checkpoint): a global layer holds [B, H, chunk, L] scores, not [B, H, L, L], in the
     forward pass and in the gradient. Each query's softmax still covers every key at once, so the result is the
@@ -47,13 +49,15 @@ def chunked_attention(q_BxHxLxDh, k_BxHxLxDh, v_BxHxLxDh, key_mask_BxL, dtype: A
     nc = -(-n // chunk)
     q = jnp.pad(q_BxHxLxDh, ((0, 0), (0, 0), (0, nc * chunk - n), (0, 0)))
     q_NcxBxHxCxDh = q.reshape(b, h, nc, chunk, dh).transpose(2, 0, 1, 3, 4)
-    allowed = key_mask_BxL.astype(bool)[:, None, None, :]
+    seg_NcxBxC = jnp.pad(mask_BxL, ((0, 0), (0, nc * chunk - n))).reshape(b, nc, chunk).transpose(1, 0, 2)
 
     @jax.checkpoint
-    def block(q_BxHxCxDh):
+    def block(xs):
+        q_BxHxCxDh, seg_BxC = xs
+        allowed = same_segment(seg_BxC[:, None, :, None], mask_BxL[:, None, None, :], packed)
         return softmax_attend(q_BxHxCxDh, k_BxHxLxDh, v_BxHxLxDh, allowed, dtype, None)
 
-    out = jax.lax.map(block, q_NcxBxHxCxDh)
+    out = jax.lax.map(block, (q_NcxBxHxCxDh, seg_NcxBxC))
     return out.transpose(1, 2, 0, 3, 4).reshape(b, h, nc * chunk, dh)[:, :, :n]
 
 
@@ -68,8 +72,8 @@ def with_neighbours(x, axis: int):
     return jnp.concatenate(parts, axis=axis + 1)
 
 
-def banded_local_attention(q_BxHxLxDh, k_BxHxLxDh, v_BxHxLxDh, key_mask_BxL, window: int,
-                           dtype: Any = jnp.float32, drop=None) -> jax.Array:
+def banded_local_attention(q_BxHxLxDh, k_BxHxLxDh, v_BxHxLxDh, mask_BxL, window: int,
+                           dtype: Any = jnp.float32, drop=None, packed: bool = False) -> jax.Array:
     """dense_attention(..., window) without the [L, L] scores: the sequence splits into blocks of c = window
     positions, and a block's queries score only the 3c keys of it and its neighbours, which hold every key
     within `window` of them. Masked keys get the same fp32 min as in the dense path, so a real query's output is
@@ -83,35 +87,42 @@ def banded_local_attention(q_BxHxLxDh, k_BxHxLxDh, v_BxHxLxDh, key_mask_BxL, win
         return jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0))).reshape(b, h, nb, c, dh)
 
     q, k, v = blocks(q_BxHxLxDh), with_neighbours(blocks(k_BxHxLxDh), 2), with_neighbours(blocks(v_BxHxLxDh), 2)
-    keys_BxNbx3c = with_neighbours(jnp.pad(key_mask_BxL.astype(bool), ((0, 0), (0, extra))).reshape(b, nb, c), 1)
+    seg_BxNbxC = jnp.pad(mask_BxL, ((0, 0), (0, extra))).reshape(b, nb, c)
+    keys_BxNbx3c = with_neighbours(seg_BxNbxC, 1)
     # Query s of a block and key t of its 3c neighbourhood are (s + c) - t positions apart, whatever the block.
     offset_Cx3c = jnp.arange(c)[:, None] + c - jnp.arange(3 * c)[None, :]
-    allowed = (jnp.abs(offset_Cx3c) <= window)[None, None, None] & keys_BxNbx3c[:, None, :, None, :]
+    same = same_segment(seg_BxNbxC[:, None, :, :, None], keys_BxNbx3c[:, None, :, None, :], packed)
+    allowed = (jnp.abs(offset_Cx3c) <= window)[None, None, None] & same
     out = softmax_attend(q, k, v, allowed, dtype, drop)
     return out.reshape(b, h, nb * c, dh)[:, :, :n]
 
 
-def cls_attention(x_BxLxD, q_BxHxDh, bias_Bx1xL, keep, rate, key, value, dtype):
-    """Attention of the [CLS] query alone, without projecting a key or a value: the same sums regrouped.
-    Its score against position j is q . (x_j Wk + bk) = (Wk q) . x_j + q . bk, and its output
-    sum_j p_j (x_j Wv + bv) = (sum_j p_j x_j) Wv + (sum_j p_j) bv, per head. So the query goes through Wk
-    (B*H*D*Dh multiply-adds) instead of every position (B*L*D*D), and the weights mix x before Wv: about 1/L
-    of the key and value projections' work.
-    `keep` is the attention dropout mask's [CLS] row (None without dropout). Returns [B, 1, D]."""
+def cls_attention(x_BxLxD, q_BxHxQxDh, bias_Bx1xQxL, keep, rate, key, value, dtype):
+    """Attention of a few query rows (the [CLS] of each text) alone, without projecting a key or a value: the
+    same sums regrouped. A query's score against position j is q . (x_j Wk + bk) = (Wk q) . x_j + q . bk, and
+    its output sum_j p_j (x_j Wv + bv) = (sum_j p_j x_j) Wv + (sum_j p_j) bv, per head. So each query goes
+    through Wk (H*D*Dh multiply-adds) instead of every position (L*D*D), and the weights mix x before Wv: about
+    Q/L of the key and value projections' work.
+    `keep` is the attention dropout mask's rows of these queries ([B or 1, 1, Q, L]; None without dropout).
+    Returns [B, Q, D]."""
     b, _, d = x_BxLxD.shape
-    _, h, dh = q_BxHxDh.shape
+    _, h, nq, dh = q_BxHxQxDh.shape
     (wk, bk), (wv, bv) = key, value
     wk_HxDhxD = wk.reshape(d, h, dh).transpose(1, 2, 0)
-    qk_BxHxD = mm(q_BxHxDh.transpose(1, 0, 2), wk_HxDhxD, dtype).transpose(1, 0, 2)
-    qb_BxHx1 = jnp.sum(q_BxHxDh * bk.reshape(h, dh), -1, keepdims=True)
-    scores_BxHxL = mm(qk_BxHxD, jnp.swapaxes(x_BxLxD, -1, -2), dtype) + qb_BxHx1 + bias_Bx1xL
-    e = jnp.exp(scores_BxHxL - jax.lax.stop_gradient(scores_BxHxL.max(-1, keepdims=True)))
+    qk_BxHxQxD = mm(q_BxHxQxDh.transpose(1, 0, 2, 3).reshape(h, b * nq, dh), wk_HxDhxD, dtype) \
+        .reshape(h, b, nq, d).transpose(1, 0, 2, 3)
+    qb_BxHxQx1 = jnp.sum(q_BxHxQxDh * bk.reshape(h, 1, dh), -1, keepdims=True)
+    scores_BxHQxL = mm(qk_BxHxQxD.reshape(b, h * nq, d), jnp.swapaxes(x_BxLxD, -1, -2), dtype)
+    scores_BxHxQxL = scores_BxHQxL.reshape(b, h, nq, -1) + qb_BxHxQx1 + bias_Bx1xQxL
+    e = jnp.exp(scores_BxHxQxL - jax.lax.stop_gradient(scores_BxHxQxL.max(-1, keepdims=True)))
     total = e.sum(-1, keepdims=True)
     if keep is not None:
-        e = e * keep[:, :, 0].astype(e.dtype)
+        e = e * keep.astype(e.dtype)
         total = total * (1.0 - rate)
-    mixed_HxBxD = mm(e, x_BxLxD, dtype).transpose(1, 0, 2)  # sum_j e_j x_j per head
-    ctx_HxBxDh = mm(mixed_HxBxD, wv.reshape(d, h, dh).transpose(1, 0, 2), dtype)
+    mixed_BxHQxD = mm(e.reshape(b, h * nq, -1), x_BxLxD, dtype)  # sum_j e_j x_j per head and query
+    mixed_HxBQxD = mixed_BxHQxD.reshape(b, h, nq, d).transpose(1, 0, 2, 3).reshape(h, b * nq, d)
+    ctx_BxHxQxDh = mm(mixed_HxBQxD, wv.reshape(d, h, dh).transpose(1, 0, 2), dtype) \
+        .reshape(h, b, nq, dh).transpose(1, 0, 2, 3)
     # + (sum_j e_j) bv, then divided by the softmax's sum (times keep_prob with dropout)
-    ctx_BxHxDh = (ctx_HxBxDh.transpose(1, 0, 2) + e.sum(-1, keepdims=True) * bv.reshape(h, dh)) / total
-    return ctx_BxHxDh.reshape(b, 1, d)
+    ctx_BxHxQxDh = (ctx_BxHxQxDh + e.sum(-1, keepdims=True) * bv.reshape(h, 1, dh)) / total
+    return ctx_BxHxQxDh.transpose(0, 2, 1, 3).reshape(b, nq, d)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from flaxclf.models.bert.encoder import FastBertModule
 from flaxclf.models.bert.hf_flax import hf_flax_bert_module
+from flaxclf.nn import segments as packing
 from flaxclf.nn.activations import ACTIVATIONS
 from flaxclf.nn.pooling import pool
 from flaxclf.options import CLS_POOLINGS, HF_POOLING
@@ -20,8 +21,8 @@ if TYPE_CHECKING:
 
 
 class Pooler(nn.Module):
-    """The head's dense layer on position 0, act(dense(h[:, 0])): BERT's and ALBERT's pooler (tanh), RoBERTa's
-    classifier.dense (tanh), ELECTRA's (GELU), DistilBERT's pre_classifier (ReLU). The parameter names
+    """The head's dense layer on [CLS]'s final hidden state, act(dense(h_cls)): BERT's and ALBERT's pooler (tanh),
+    RoBERTa's classifier.dense (tanh), ELECTRA's (GELU), DistilBERT's pre_classifier (ReLU). The parameter names
     (pooler/dense) and init are transformers' FlaxBertPooler's; each family's names map onto them."""
 
     hidden_size: int
@@ -30,10 +31,10 @@ class Pooler(nn.Module):
     activation: str = "tanh"
 
     @nn.compact
-    def __call__(self, hidden_BxLxD: jax.Array) -> jax.Array:
+    def __call__(self, cls_xD: jax.Array) -> jax.Array:
         dense = nn.Dense(self.hidden_size, dtype=self.dtype, name="dense",
                          kernel_init=jax.nn.initializers.normal(self.initializer_range))
-        return ACTIVATIONS[self.activation](dense(hidden_BxLxD[:, 0]))
+        return ACTIVATIONS[self.activation](dense(cls_xD))
 
 
 class BertClassifier(nn.Module):
@@ -64,31 +65,49 @@ class BertClassifier(nn.Module):
         self.classifier = nn.Dense(self.config.num_labels, dtype=self.dtype, kernel_init=init,
                                    bias_init=jax.nn.initializers.zeros)
 
-    def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True):
-        # [CLS] poolings read position 0 alone, so the fast backbone's last layer computes that row only.
-        cls_only = self.impl == "fast" and self.config.pooling in CLS_POOLINGS
-        if cls_only:
-            hidden = self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic, cls_only=True)
-        else:
-            hidden = self.encode(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
-        return self.classify(hidden, attention_mask, deterministic=deterministic)
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True,
+                 segments: int | None = None):
+        """Logits [B, C]; for packed rows (segments=S, attention_mask holding segment ids) [B, S, C], one per
+        text slot."""
+        if segments is not None and self.impl != "fast":
+            raise ValueError("packed rows (segments) need impl='fast': transformers' FlaxBertModule takes no "
+                             "segment ids")
+        # [CLS] poolings read each text's first position alone, so the fast backbone's last layer computes
+        # those rows only.
+        if self.impl == "fast" and self.config.pooling in CLS_POOLINGS:
+            cls = self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic, cls_only=True,
+                            segments=segments)
+            logits = self._head(cls, deterministic)
+            return logits if segments is not None else logits[:, 0]
+        hidden = self.encode(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
+                             segments=segments)
+        return self.classify(hidden, attention_mask, deterministic=deterministic, segments=segments)
 
-    def encode(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True):
+    def encode(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True,
+               segments: int | None = None):
         """The backbone's final hidden states, [B, L, D]."""
         if self.impl == "fast":
-            return self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
+            return self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
+                             segments=segments)
         out = self.bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic, return_dict=False)
         return out[0]
 
-    def classify(self, hidden_BxLxD, attention_mask, *, deterministic: bool = True):
+    def classify(self, hidden_BxLxD, attention_mask, *, deterministic: bool = True, segments: int | None = None):
         """Pooling -> (the family's dense layer) -> dropout -> classifier, from final hidden states to float32
-        logits [B, C]."""
+        logits [B, C] (packed rows: [B, S, C])."""
+        how = "cls" if self.config.pooling in CLS_POOLINGS else self.config.pooling
+        if segments is not None:
+            return self._head(packing.pool(hidden_BxLxD, attention_mask, segments, how), deterministic)
+        if self.config.pooling == HF_POOLING:
+            return self._head(hidden_BxLxD[:, :1], deterministic)[:, 0]
+        return self._head(pool(hidden_BxLxD, attention_mask, how), deterministic)
+
+    def _head(self, pooled_xD, deterministic: bool):
+        """(the family's dense layer on the [CLS] vectors) -> dropout -> classifier, on vectors [..., D]."""
+        x = pooled_xD
         if self.config.pooling == HF_POOLING:
             if self.config.backbone.family.head_dropout_first:  # RoBERTa's and ELECTRA's heads
-                hidden_BxLxD = self.dropout(hidden_BxLxD[:, :1], deterministic=deterministic)
-            x = self.pooler(hidden_BxLxD)
-        else:
-            x = pool(hidden_BxLxD, attention_mask, "cls" if self.config.pooling in CLS_POOLINGS else
-                     self.config.pooling)
+                x = self.dropout(x, deterministic=deterministic)
+            x = self.pooler(x)
         x = self.dropout(x, deterministic=deterministic)
         return self.classifier(x).astype(jnp.float32)

@@ -12,8 +12,11 @@ Same math as FlaxBertModule, in fp32 to the last bit of the dropout masks; what 
   * softmax(s) @ v is computed as (exp(s - max) @ v) / sum (with dropout: (exp(s - max) * mask) @ v / (sum *
     keep_prob)), which XLA:CPU fuses into the second matmul instead of writing and re-reading the [B, H, L, L]
     probabilities;
-  * with cls_only=True (the classifier's [CLS] poolings) the last layer computes position 0 alone, and
-    attends from it without projecting keys or values (flaxclf.nn.attention.cls_attention).
+  * with cls_only=True (the classifier's [CLS] poolings) the last layer computes position 0 alone (each text's
+    first position, in a packed row), and attends from it without projecting keys or values
+    (flaxclf.nn.attention.cls_attention);
+  * packed rows (segments=S: the mask holds each token's text, flaxclf.nn.segments) restart the positions at each
+    text and keep each text's attention within itself, so a text's outputs are those it has alone in a row.
 `dtype` is the matmul input dtype. fp32 (the default) is exact. bf16 is mixed precision, as torch's autocast:
 matmul inputs in bf16 with fp32 accumulation and an fp32 result (flaxclf.nn.matmul); embeddings, LayerNorm,
 GELU, softmax, dropout and the residual stream stay fp32. What each choice gains is measured in bench/README.md.
@@ -39,6 +42,7 @@ from flaxclf.nn.attention import cls_attention
 from flaxclf.nn.dense import Dense
 from flaxclf.nn.dropout import RowDropout
 from flaxclf.nn.matmul import mm
+from flaxclf.nn.segments import first_positions, gather_rows, positions, same_segment
 
 
 def _normal(spec: BertSpec):
@@ -80,7 +84,9 @@ class SelfAttention(nn.Module):
         self.key = Dense(d, d, _normal(self.spec), dtype=self.dtype)
         self.value = Dense(d, d, _normal(self.spec), dtype=self.dtype)
 
-    def __call__(self, x_BxLxD, bias_Bx1x1xL, deterministic: bool = True, cls_only: bool = False):
+    def __call__(self, x_BxLxD, bias_Bx1xQxL, deterministic: bool = True, cls_only: bool = False, at=None):
+        """`bias`: [B, 1, 1, L] (one row of keys for every query) or [B, 1, L, L] (a packed row's); with cls_only,
+        the queries are position 0, or each text's first position `at` [B, S]."""
         s = self.spec
         b, n, d = x_BxLxD.shape
         h = s.num_attention_heads
@@ -92,18 +98,21 @@ class SelfAttention(nn.Module):
             r = rows_BxRxD.shape[1]
             return (mm(rows_BxRxD, w, dt) + bias).reshape(b, r, h, dh).transpose(0, 2, 1, 3)
 
-        q = heads(x_BxLxD[:, :1] if cls_only else x_BxLxD, wq, bq)
+        q = heads((x_BxLxD[:, :1] if at is None else gather_rows(x_BxLxD, at)) if cls_only else x_BxLxD, wq, bq)
         q = q / jnp.sqrt(dh).astype(q.dtype)  # scaled before the product, as flax's attention does
         rate = s.attention_probs_dropout_prob
         keep = None
         if not deterministic and rate > 0.0:
             # flax's dot_product_attention_weights(broadcast_dropout=True): one [L, L] mask for all rows/heads;
-            # the cls_only path takes its first row, so both paths drop the same weights.
-            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, (1, 1, n, n))[:, :, :q.shape[2]]
+            # the cls_only path takes its query rows, so both paths drop the same weights.
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, (1, 1, n, n))
+            keep = keep[:, :, :q.shape[2]] if at is None else keep[0, 0][at][:, None]
         if cls_only:
-            return cls_attention(x_BxLxD, q[:, :, 0], bias_Bx1x1xL[:, :, 0], keep, rate, (wk, bk), (wv, bv), dt)
+            bias = bias_Bx1xQxL if at is None or bias_Bx1xQxL.shape[2] == 1 else \
+                jnp.take_along_axis(bias_Bx1xQxL, at[:, None, :, None], axis=2)
+            return cls_attention(x_BxLxD, q, bias, keep, rate, (wk, bk), (wv, bv), dt)
         k, v = heads(x_BxLxD, wk, bk), heads(x_BxLxD, wv, bv)
-        scores_BxHxQxL = mm(q, jnp.swapaxes(k, -1, -2), dt) + bias_Bx1x1xL
+        scores_BxHxQxL = mm(q, jnp.swapaxes(k, -1, -2), dt) + bias_Bx1xQxL
         # softmax(s) @ v as (exp(s - max) @ v) / sum: XLA:CPU fuses the exponential (and the dropout mask) into
         # the second matmul instead of writing and re-reading the [B, H, L, L] probabilities.
         e = jnp.exp(scores_BxHxQxL - jax.lax.stop_gradient(scores_BxHxQxL.max(-1, keepdims=True)))
@@ -130,8 +139,8 @@ class _DenseDropoutNorm(nn.Module):
         # Named "dropout" as in transformers' modules: flax folds the module path into the mask's rng.
         self.dropout = RowDropout(rate=s.hidden_dropout_prob if self.has_dropout else 0.0)
 
-    def __call__(self, x, residual, deterministic: bool = True, rows: int | None = None):
-        return self.LayerNorm(self.dropout(self.dense(x), deterministic, rows) + residual)
+    def __call__(self, x, residual, deterministic: bool = True, rows: int | None = None, at=None):
+        return self.LayerNorm(self.dropout(self.dense(x), deterministic, rows, at) + residual)
 
 
 class Attention(nn.Module):
@@ -143,10 +152,10 @@ class Attention(nn.Module):
         self.output = _DenseDropoutNorm(self.spec, self.spec.hidden_size, dtype=self.dtype,
                                         has_dropout=self.spec.family.attention_output_dropout)
 
-    def __call__(self, x, bias, deterministic: bool = True, cls_only: bool = False):
+    def __call__(self, x, bias, deterministic: bool = True, cls_only: bool = False, at=None):
         rows = x.shape[1] if cls_only else None
-        residual = x[:, :1] if cls_only else x
-        return self.output(self.self(x, bias, deterministic, cls_only), residual, deterministic, rows)
+        residual = (x[:, :1] if at is None else gather_rows(x, at)) if cls_only else x
+        return self.output(self.self(x, bias, deterministic, cls_only, at), residual, deterministic, rows, at)
 
 
 class Intermediate(nn.Module):
@@ -171,9 +180,9 @@ class Layer(nn.Module):
         self.output = _DenseDropoutNorm(self.spec, self.spec.intermediate_size, dtype=self.dtype,
                                         has_dropout=self.spec.family.ffn_output_dropout)
 
-    def __call__(self, x, bias, deterministic: bool = True, cls_only: bool = False):
-        a = self.attention(x, bias, deterministic, cls_only)
-        return self.output(self.intermediate(a), a, deterministic, x.shape[1] if cls_only else None)
+    def __call__(self, x, bias, deterministic: bool = True, cls_only: bool = False, at=None):
+        a = self.attention(x, bias, deterministic, cls_only, at)
+        return self.output(self.intermediate(a), a, deterministic, x.shape[1] if cls_only else None, at)
 
 
 class _Layers(nn.Module):
@@ -182,14 +191,15 @@ class _Layers(nn.Module):
     remat: bool = False
 
     def setup(self):
-        cls = nn.remat(Layer, static_argnums=(3, 4)) if self.remat else Layer
+        cls = nn.remat(Layer, static_argnums=(3, 4)) if self.remat else Layer  # `at` (5) is traced
         # One module per weight set; ALBERT's positions share theirs (spec.layer_params).
         self.layers = [cls(self.spec, dtype=self.dtype, name=str(k)) for k in sorted(set(self.spec.layer_params()))]
 
-    def __call__(self, x, bias, deterministic: bool = True, cls_only: bool = False):
+    def __call__(self, x, bias, deterministic: bool = True, cls_only: bool = False, at=None):
         order = self.spec.layer_params()
         for i, k in enumerate(order):
-            x = self.layers[k](x, bias, deterministic, cls_only and i == len(order) - 1)
+            last = cls_only and i == len(order) - 1
+            x = self.layers[k](x, bias, deterministic, last, at if last else None)
         return x
 
 
@@ -201,15 +211,16 @@ class Encoder(nn.Module):
     def setup(self):
         self.layer = _Layers(self.spec, dtype=self.dtype, remat=self.remat)
 
-    def __call__(self, x, bias, deterministic: bool = True, cls_only: bool = False):
-        return self.layer(x, bias, deterministic, cls_only)
+    def __call__(self, x, bias, deterministic: bool = True, cls_only: bool = False, at=None):
+        return self.layer(x, bias, deterministic, cls_only, at)
 
 
 class FastBertModule(nn.Module):
     """FlaxBertModule(add_pooling_layer=False) with the same params; returns the final hidden states [B, L, D],
     or with cls_only=True those of position 0 alone, [B, 1, D]: the last layer then computes the one query row
     that [CLS] pooling reads, and attends over every position without projecting their keys and values: about
-    1/L of its work."""
+    1/L of its work. With segments=S the rows are packed (attention_mask holds segment ids 1..S, 0 on padding)
+    and cls_only returns each text's first position, [B, S, D]."""
 
     spec: BertSpec
     dtype: Any = jnp.float32
@@ -223,17 +234,25 @@ class FastBertModule(nn.Module):
         self.encoder = Encoder(s, dtype=self.dtype, remat=self.remat)
 
     def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True,
-                 cls_only: bool = False):
+                 cls_only: bool = False, segments: int | None = None):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
+        packed = segments is not None
         if self.spec.family.positions_from_padding:  # RoBERTa: pad + 1, pad + 2, ... on tokens, pad on padding
             real = (input_ids != self.spec.pad_token_id).astype(jnp.int32)
-            position_ids = jnp.cumsum(real, axis=-1) * real + self.spec.pad_token_id
+            counted = positions(attention_mask, real) if packed else jnp.cumsum(real, axis=-1)
+            position_ids = counted * real + self.spec.pad_token_id
+        elif packed:
+            position_ids = positions(attention_mask)
         else:
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
         x = self.embeddings(input_ids, token_type_ids, position_ids, deterministic)
         if self.spec.projects_embeddings:
             x = self.embeddings_project(x)
-        # As FlaxBertSelfAttention's bias: 0 on tokens, the dtype's min on padding (fp32: scores stay fp32).
-        bias_Bx1x1xL = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
-        return self.encoder(x, bias_Bx1x1xL, deterministic, cls_only)
+        # As FlaxBertSelfAttention's bias: 0 on tokens, the dtype's min on padding (fp32: scores stay fp32); a
+        # packed row's [B, 1, L, L] bias also masks the other texts' keys.
+        allowed = same_segment(attention_mask[:, None, :, None] if packed else None,
+                               attention_mask[:, None, None, :], packed)
+        bias_Bx1xQxL = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
+        at = first_positions(attention_mask, segments) if packed and cls_only else None
+        return self.encoder(x, bias_Bx1xQxL, deterministic, cls_only, at)

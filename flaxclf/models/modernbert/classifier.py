@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from flaxclf.models.modernbert.encoder import ModernBertModel, dense, norm, std_out
 from flaxclf.models.modernbert.spec import AttentionImpl, ModernBertSpec
+from flaxclf.nn import segments as packing
 from flaxclf.nn.activations import ACTIVATIONS
 from flaxclf.nn.pooling import pool
 
@@ -51,19 +52,24 @@ class ModernBertClassifier(nn.Module):
         self.drop = nn.Dropout(self.config.dropout_rate)
         self.classifier = dense(s, s.hidden_size, self.config.num_labels, True, s.hidden_size ** -0.5, self.dtype)
 
-    def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True):
-        hidden = self.encode(input_ids, attention_mask, deterministic=deterministic)
-        return self.classify(hidden, attention_mask, deterministic=deterministic)
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True,
+                 segments: int | None = None):
+        """Logits [B, C]; for packed rows (segments=S, attention_mask holding segment ids) [B, S, C]."""
+        hidden = self.encode(input_ids, attention_mask, deterministic=deterministic, segments=segments)
+        return self.classify(hidden, attention_mask, deterministic=deterministic, segments=segments)
 
-    def encode(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True):
+    def encode(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True,
+               segments: int | None = None):
         """The final hidden states after final_norm, [B, L, D]."""
-        return self.model(input_ids, attention_mask, deterministic)[0]
+        return self.model(input_ids, attention_mask, deterministic, segments=segments)[0]
 
     def hidden_states(self, input_ids, attention_mask):
         """HF's output_hidden_states: the embeddings' and each layer's output (before final_norm)."""
         return self.model(input_ids, attention_mask, True, every_state=True)[1]
 
-    def classify(self, hidden_BxLxD, attention_mask, *, deterministic: bool = True):
+    def classify(self, hidden_BxLxD, attention_mask, *, deterministic: bool = True, segments: int | None = None):
         """From final hidden states to fp32 logits: pooling -> prediction head -> dropout -> classifier."""
-        x = self.head(pool(hidden_BxLxD, attention_mask, self.config.backbone.classifier_pooling))
+        how = self.config.backbone.classifier_pooling
+        x = self.head(pool(hidden_BxLxD, attention_mask, how) if segments is None else
+                      packing.pool(hidden_BxLxD, attention_mask, segments, how))
         return self.classifier(self.drop(x, deterministic=deterministic)).astype(jnp.float32)

@@ -18,6 +18,9 @@ checkpoint is a rename of the leaf and a transpose of the Linear weights (flaxcl
 `dtype` is the matmul input dtype, as in flaxclf.models.bert.encoder: fp32 (the default) is exact; bf16 is mixed
 precision, with fp32 accumulation and fp32 results, and the embeddings, norms, rotary, softmax and residual stream
 in fp32.
+Packed rows (segments=S: the mask holds each token's text, flaxclf.nn.segments) rotate each text's queries and
+keys by its own positions and keep every layer's attention, global or within the window, inside the text: each
+text's outputs are those it has alone in a row.
 Outputs at padded positions are not HF's (a padded query far from every token has no key in its window; both
 spread it evenly, over different sets): nothing real reads them, so logits, losses and gradients are the same.
 """
@@ -37,6 +40,7 @@ from flaxclf.nn.activations import ACTIVATIONS
 from flaxclf.nn.attention import banded_local_attention, chunked_attention, dense_attention
 from flaxclf.nn.dense import Dense
 from flaxclf.nn.rotary import rotary
+from flaxclf.nn.segments import positions
 
 _GLOBAL_OUT = "modernbert_global_attention"  # a chunked global layer's attention output, which remat keeps
 
@@ -94,26 +98,29 @@ class _Attention(nn.Module):
         self.attn_drop = nn.Dropout(s.attention_dropout)  # on the probabilities
         self.out_drop = nn.Dropout(s.attention_dropout)  # on Wo's output (HF: only when the rate is > 0)
 
-    def __call__(self, x_BxLxD, key_mask_BxL, deterministic: bool = True):
+    def __call__(self, x_BxLxD, mask_BxL, deterministic: bool = True, pos_BxL=None):
+        """`mask`: the 0/1 key mask, or with `pos` (each token's position in its text) a packed row's segment
+        ids."""
         s = self.spec
         b, n, d = x_BxLxD.shape
+        packed = pos_BxL is not None
         # HF views Wqkv's output as [B, L, 3, H, Dh].
         qkv = self.Wqkv(x_BxLxD).reshape(b, n, 3, s.num_attention_heads, s.head_dim).transpose(2, 0, 3, 1, 4)
         theta = s.rope_theta(self.layer_id)
-        q, k, v = rotary(qkv[0], theta), rotary(qkv[1], theta), qkv[2]
+        q, k, v = rotary(qkv[0], theta, pos_BxL), rotary(qkv[1], theta, pos_BxL), qkv[2]
         drop = None if deterministic or s.attention_dropout == 0.0 else \
             (lambda p: self.attn_drop(p, deterministic=False))
         if s.is_global(self.layer_id):
             chunk = self.attention.global_chunk
             if drop is None and chunk and n > chunk:
                 # Named for _Layers' remat: its recomputation keeps this instead of recomputing the L^2 scores.
-                out = checkpoint_name(chunked_attention(q, k, v, key_mask_BxL, self.dtype, chunk), _GLOBAL_OUT)
+                out = checkpoint_name(chunked_attention(q, k, v, mask_BxL, self.dtype, chunk, packed), _GLOBAL_OUT)
             else:
-                out = dense_attention(q, k, v, key_mask_BxL, None, self.dtype, drop)
+                out = dense_attention(q, k, v, mask_BxL, None, self.dtype, drop, packed)
         elif self.attention.local == "banded" or (self.attention.local == "auto" and n > 3 * max(s.window, 1)):
-            out = banded_local_attention(q, k, v, key_mask_BxL, s.window, self.dtype, drop)
+            out = banded_local_attention(q, k, v, mask_BxL, s.window, self.dtype, drop, packed)
         else:  # the whole sequence fits in a band's 3 blocks: the [L, L] scores are no bigger
-            out = dense_attention(q, k, v, key_mask_BxL, s.window, self.dtype, drop)
+            out = dense_attention(q, k, v, mask_BxL, s.window, self.dtype, drop, packed)
         return self.out_drop(self.Wo(out.transpose(0, 2, 1, 3).reshape(b, n, d)), deterministic=deterministic)
 
 
@@ -148,9 +155,9 @@ class ModernBertLayer(nn.Module):
         self.mlp_norm = norm(self.spec)
         self.mlp = _MLP(self.spec, self.dtype)
 
-    def __call__(self, x_BxLxD, key_mask_BxL, deterministic: bool = True):
+    def __call__(self, x_BxLxD, mask_BxL, deterministic: bool = True, pos_BxL=None):
         h = x_BxLxD if self.layer_id == 0 else self.attn_norm(x_BxLxD)
-        x_BxLxD = x_BxLxD + self.attn(h, key_mask_BxL, deterministic)
+        x_BxLxD = x_BxLxD + self.attn(h, mask_BxL, deterministic, pos_BxL)
         return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD), deterministic)
 
 
@@ -204,20 +211,20 @@ class _Layers(nn.Module):
         self.layers = [ModernBertLayer(self.spec, i, self.dtype, self.attention, name=str(i))
                        for i in range(self.spec.num_hidden_layers)]
 
-    def __call__(self, x, key_mask, deterministic: bool = True, every_state: bool = False):
+    def __call__(self, x, mask, deterministic: bool = True, every_state: bool = False, pos=None):
         """The layers' outputs: [input, each layer's output] with every_state, else [input, the last output] (a
         scan that returned every layer's output would keep them all)."""
         n, every = self.spec.num_hidden_layers, self.spec.global_attn_every_n_layers
         groups = (n - 1) // every if self.remat and not self.is_initializing() else 0
         states = [x]
-        states.append(_layer_boundary(self.layers[0](x, key_mask, deterministic)))
+        states.append(_layer_boundary(self.layers[0](x, mask, deterministic, pos)))
         if groups:
-            states.extend(self._scanned(states[-1], key_mask, deterministic, groups, every_state))
+            states.extend(self._scanned(states[-1], mask, deterministic, groups, every_state, pos))
         for layer in self.layers[1 + groups * every:]:
-            states.append(_layer_boundary(layer(states[-1], key_mask, deterministic)))
+            states.append(_layer_boundary(layer(states[-1], mask, deterministic, pos)))
         return states if every_state else [x, states[-1]]
 
-    def _scanned(self, x, key_mask, deterministic: bool, groups: int, every_state: bool) -> list:
+    def _scanned(self, x, mask, deterministic: bool, groups: int, every_state: bool, pos) -> list:
         """Layers 1 .. groups * every as a checkpointed scan over groups: each layer's output in order
         (every_state), or the last one."""
         every = self.spec.global_attn_every_n_layers
@@ -235,7 +242,7 @@ class _Layers(nn.Module):
             outs = []
             for j in range(every):
                 rngs = {"dropout": jax.random.fold_in(key, j)} if drops else None
-                x = _layer_boundary(template[j].apply({"params": layer_params[j]}, x, key_mask, deterministic,
+                x = _layer_boundary(template[j].apply({"params": layer_params[j]}, x, mask, deterministic, pos,
                                                       rngs=rngs))
                 outs.append(x)
             return x, jnp.stack(outs) if every_state else None
@@ -257,9 +264,13 @@ class ModernBertModel(nn.Module):
         self.layers = _Layers(self.spec, self.dtype, self.attention, self.remat)
         self.final_norm = norm(self.spec)
 
-    def __call__(self, input_ids, attention_mask, deterministic: bool = True, every_state: bool = False):
+    def __call__(self, input_ids, attention_mask, deterministic: bool = True, every_state: bool = False,
+                 segments: int | None = None):
         """(final hidden states [B, L, D], the embeddings and each layer's output: HF's hidden_states with
-        every_state, else the embeddings and the last layer's)."""
-        states = self.layers(self.embeddings(input_ids, deterministic), attention_mask > 0, deterministic,
-                             every_state)
+        every_state, else the embeddings and the last layer's). segments=S: packed rows, attention_mask holding
+        segment ids."""
+        packed = segments is not None
+        mask = attention_mask if packed else attention_mask > 0
+        states = self.layers(self.embeddings(input_ids, deterministic), mask, deterministic, every_state,
+                             positions(attention_mask) if packed else None)
         return self.final_norm(states[-1]), tuple(states)
