@@ -9,9 +9,10 @@ padding (each batch padded to its own longest row), as Trainer + DataCollatorWit
   torch_grouped       Trainer's group_by_length=True: megabatches of 50 batches sorted by length
                       (transformers' get_length_grouped_indices, for training and evaluation), fp32
   torch_grouped_bf16  the same under torch.autocast("cpu", torch.bfloat16), as Trainer's bf16=True runs it
-and three flaxclf runs of the real `flaxclf train` command, each into a fresh run directory:
-  flaxclf             configs/default.yaml (fp32), with an empty compilation cache
+and four flaxclf runs of the real `flaxclf train` command, each into a fresh run directory:
+  flaxclf             configs/default.yaml (fp32, packed rows), with an empty compilation cache
   flaxclf_second      the same command again: its executables come from the cache the first run filled
+  flaxclf_bucketed    the same with data.packing=off (length buckets; its shapes are its own: compiled afresh)
   flaxclf_bf16        configs/cpu-bf16.yaml (its own shapes and dtypes: compiled afresh)
 
     .venv/bin/python bench/finetune_vs_torch.py                  # every system, then the ratios
@@ -34,9 +35,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SYSTEMS = ("flaxclf", "flaxclf_second", "flaxclf_bf16", "torch_grouped", "torch_grouped_bf16", "torch")
+SYSTEMS = ("flaxclf", "flaxclf_second", "flaxclf_bucketed", "flaxclf_bf16", "torch_grouped", "torch_grouped_bf16",
+           "torch")
 FLAXCLF_CONFIG = {"flaxclf": "configs/default.yaml", "flaxclf_second": "configs/default.yaml",
-                  "flaxclf_bf16": "configs/cpu-bf16.yaml"}
+                  "flaxclf_bucketed": "configs/default.yaml", "flaxclf_bf16": "configs/cpu-bf16.yaml"}
+FLAXCLF_OVERRIDES = {"flaxclf_bucketed": ["data.packing=off"]}
 
 
 def _splits(cfg):
@@ -148,7 +151,7 @@ def run_system(name: str, a: argparse.Namespace, work: Path) -> dict:
         run_dir = work / name
         cmd = [sys.executable, "-m", "flaxclf.cli", "train", "--config", str(ROOT / FLAXCLF_CONFIG[name]),
                f"train.output_dir={run_dir}", f"train.compilation_cache_dir={work / 'xla'}", "--no-progress",
-               *a.overrides]
+               *FLAXCLF_OVERRIDES.get(name, []), *a.overrides]
     else:
         cmd = [sys.executable, __file__, "--only", name, "--config", str(ROOT / "configs/default.yaml"),
                *a.overrides]
@@ -164,7 +167,7 @@ def run_system(name: str, a: argparse.Namespace, work: Path) -> dict:
     if name.startswith("flaxclf"):
         summary = json.loads((run_dir / "summary.json").read_text())
         out.update({"validation": summary["validation"], "test": summary["test"], "steps": summary["steps"],
-                    "time": summary["time"]})
+                    "time": summary["time"], "batches": summary["batches"]})
     else:
         out.update(json.loads(stdout.strip().splitlines()[-1]))
     return out
@@ -174,12 +177,15 @@ def ratios(r: dict) -> dict:
     """Wall-time, accuracy and memory ratios of each flaxclf run against its reference."""
     out = {}
     pairs = [("flaxclf", "torch_grouped"), ("flaxclf_bf16", "torch_grouped_bf16"), ("flaxclf", "torch"),
-             ("flaxclf_second", "torch_grouped")]
+             ("flaxclf_second", "torch_grouped"), ("flaxclf_bucketed", "torch_grouped"),
+             ("flaxclf", "flaxclf_bucketed")]
     for f, t in pairs:
         if f in r and t in r:
             out[f"{f}/{t}"] = {"wall": round(r[f]["wall_s"] / r[t]["wall_s"], 3),
                                "test_accuracy_delta": round(r[f]["test"]["accuracy"] - r[t]["test"]["accuracy"], 4),
                                "peak_rss": round(r[f]["peak_rss_gb"] / r[t]["peak_rss_gb"], 3)}
+    for f in (k for k in r if k.startswith("flaxclf")):
+        out[f"{f}_compile_phase_share_of_wall"] = round(r[f]["time"]["phases_s"]["compile"] / r[f]["wall_s"], 3)
     if "flaxclf" in r and "flaxclf_second" in r:
         first, second = (r[k]["time"]["compilation"]["seconds"] for k in ("flaxclf", "flaxclf_second"))
         out["compilation_second_over_first"] = round(second / first, 3) if first else None

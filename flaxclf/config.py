@@ -62,7 +62,12 @@ class DataConfig:
     label_column: str = "label"
     label_type: Literal["auto", "string", "int", "float", "multi"] = "auto"
     max_length: int = 128
-    # Padded lengths of the batches; each batch pads to the smallest bucket that holds its longest row.
+    # Several texts share each row of max_length tokens, told apart by segment ids; each text's outputs are those it
+    # has alone (README, "Packing"). on: pads least and compiles at most packing_shapes train steps; off: each batch
+    # pads its texts to a length bucket.
+    packing: Literal["on", "off"] = "on"
+    packing_shapes: int = 4  # packing: the most row counts a run's train steps take; 1 = one static shape (TPU)
+    # Padded lengths of unpacked batches; each batch pads to the smallest bucket that holds its longest row.
     buckets: list[int] = field(default_factory=lambda: [16, 24, 32, 40, 48, 64, 128])
     empty_text: Literal["error", "skip"] = "error"
     cache_dir: str | None = None  # tokenization cache; None: under the flaxclf cache
@@ -331,6 +336,7 @@ def validate(cfg: RunConfig) -> None:
     _check(len(d.buckets) > 0 and all(b > 0 for b in d.buckets),
            f"data.buckets: {d.buckets} must be a non-empty list of positive lengths")
     _check(d.prefetch >= 0, f"data.prefetch: {d.prefetch} must be >= 0")
+    _check(d.packing_shapes >= 1, f"data.packing_shapes: {d.packing_shapes} must be >= 1")
     _check(d.stride >= 0, f"data.stride: {d.stride} must be >= 0")
     _check(d.head_tokens is None or d.head_tokens >= 0, f"data.head_tokens: {d.head_tokens} must be >= 0 or null")
     _check(d.long_text == "truncate" or d.text_pair_column is None,

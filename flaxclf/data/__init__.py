@@ -2,7 +2,8 @@
 
 One module per step: readers (files -> tables; also predict's input texts), labels (tables -> checked rows and
 label arrays), tokens (texts -> token ids, cached), batches (tokenized rows -> global batches, host sharding),
-load (data.* settings -> Task and tokenized splits), types (what they hand each other).
+load (data.* settings -> Task and tokenized splits), types (what they hand each other), packing (texts sharing rows,
+told apart by segment ids).
 """
 
 from flaxclf.data.batches import (
@@ -14,8 +15,10 @@ from flaxclf.data.batches import (
     eval_batches,
     eval_lengths,
     eval_plan,
+    eval_structs,
     host_rows,
     local_batch_size,
+    packed_eval_plan,
     train_batch_counts,
     train_epoch_plan,
 )
@@ -27,6 +30,6 @@ from flaxclf.options import MULTI, REGRESSION, SINGLE
 
 __all__ = ["FIELDS", "MULTI", "REGRESSION", "SINGLE", "SPLITS", "DataError", "Task", "TokenizedSplit",
            "TrainBatches", "batch_structs", "bucket_lengths", "eval_batch_counts", "eval_batches", "eval_lengths",
-           "eval_plan", "host_rows",
-           "load_task", "load_tokenizer", "local_batch_size", "read_texts", "tokenizer_hash",
+           "eval_plan", "eval_structs", "host_rows",
+           "load_task", "load_tokenizer", "local_batch_size", "packed_eval_plan", "read_texts", "tokenizer_hash",
            "train_batch_counts", "train_epoch_plan"]

@@ -16,6 +16,9 @@ j of bucket k is row j of every slot, in slot order. A slot's rows beyond n_k ar
 last bucket's leftovers: a different few each epoch). The order of the epoch's batches over buckets is
 shuffled by (seed, epoch). Evaluation sees every row exactly once: the last batch of a bucket is filled with
 rows of ``weight`` 0.
+
+Packing (flaxclf.data.packing): training draws the same batches with one bucket (max_length) and packs each batch's
+texts into rows; evaluation packs the whole split and cuts the rows into batches of about the batch size's texts.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from flaxclf.data import packing
 from flaxclf.data.types import DataError, TokenizedSplit
 
 FIELDS = ("input_ids", "attention_mask", "token_type_ids", "labels", "weight")
@@ -121,6 +125,10 @@ def train_epoch_plan(slots: list[list[np.ndarray]], first_slot: int, n_K: np.nda
 def eval_batch_counts(counts_PxK: np.ndarray, local_batch: int) -> np.ndarray:
     """Evaluation batches per bucket so every row is seen: max over processes of ceil(count / local_batch)."""
     return (-(-counts_PxK // local_batch)).max(axis=0)
+
+
+def _shards(sharding: jax.sharding.NamedSharding | None) -> int:
+    return _batch_shards(sharding) if sharding is not None else 1
 
 
 def _batch_shards(sharding: jax.sharding.NamedSharding) -> int:
@@ -244,13 +252,19 @@ class TrainBatches:
 
     def __init__(self, split: TokenizedSplit, global_batch_size: int, buckets: Sequence[int], seed: int,
                  sharding: jax.sharding.NamedSharding | None, start_state: dict | None = None,
-                 prefetch: int = 2, num_epochs: int | None = None):
+                 prefetch: int = 2, num_epochs: int | None = None, packing_shapes: int | None = None):
+        """packing_shapes: None for padded batches; k for packed ones of at most k row counts (then call
+        plan_packing before the first batch)."""
         _check_processes(split)
         self.split, self.seed, self.sharding = split, seed, sharding
         self.global_batch_size, self.prefetch, self.num_epochs = global_batch_size, prefetch, num_epochs
         self.local_batch = local_batch_size(global_batch_size, sharding, split.process_count)
         _check_slots(split, global_batch_size)
-        self.bucket_lengths = bucket_lengths(buckets, split.max_length)
+        self.packing_shapes = packing_shapes
+        # Packed batches mix every length (rows fill best that way): one bucket.
+        self.bucket_lengths = [split.max_length] if packing_shapes else bucket_lengths(buckets, split.max_length)
+        self.row_counts: np.ndarray | None = None  # packed: each step's global rows, [planned epochs, steps]
+        self.segments: int | None = None  # packed: text slots per row
         self._slots = _slot_members(split, global_batch_size, self.bucket_lengths)
         self.first_slot = split.process_index * self.local_batch
         local_SxK = np.array([[len(m) for m in slot] for slot in self._slots])
@@ -266,8 +280,47 @@ class TrainBatches:
         if start_state is not None:
             self.restore(start_state)
 
+    def plan_packing(self, total_steps: int, row_multiple: int = 1) -> None:
+        """Packs every batch of a run of `total_steps` steps (all processes at once: they agree on the row counts)
+        and fixes its row counts: at most packing_shapes values, each a multiple of the batch shards, the process
+        count and `row_multiple` (the micro-batches of gradient accumulation)."""
+        epochs = max(1, -(-total_steps // self.steps_per_epoch))
+        need = np.zeros((epochs, self.steps_per_epoch), np.int64)
+        most = 1
+        for e in range(epochs):
+            for s, (_, idx) in enumerate(self.epoch_plan(e)):
+                rows = packing.pack(self.split.lengths[idx], self.split.max_length)
+                need[e, s] = len(rows)
+                most = max([most, *map(len, rows)])
+        gathered = _allgather_counts(np.concatenate([need.ravel(), [most]]))
+        p = self.split.process_count
+        unit = math.lcm(_shards(self.sharding) * row_multiple, p)
+        global_need = packing.round_up(p * gathered[:, :-1].max(0), unit).reshape(need.shape)
+        shapes = np.asarray(packing.choose_shapes(global_need, self.packing_shapes))
+        self.row_counts = shapes[np.searchsorted(shapes, global_need)]
+        self.segments = int(gathered[:, -1].max())
+
+    def padded_tokens(self) -> float:
+        """Tokens a step computes per text, over the planned steps (packed) or one epoch (padded)."""
+        if self.row_counts is not None:
+            return float(self.row_counts.mean() * self.split.max_length / self.global_batch_size)
+        steps = [self.bucket_lengths[k] for k, _ in self.epoch_plan(0)]
+        return float(np.mean(steps))
+
+    def structs(self, steps: int) -> list[dict]:
+        """The batch structs (batch_structs) of every shape the next `steps` batches have."""
+        if self.row_counts is None:
+            return [batch_structs(self.split, self.global_batch_size, n, self.sharding) for n in self.lengths(steps)]
+        p, length = self.split.process_count, self.split.max_length
+        return [_structs(packing.host_batch(self.split, np.full((r // p, self.segments), -1), length), r,
+                         self.sharding) for r in self.lengths(steps)]
+
     def lengths(self, steps: int) -> list[int]:
-        """The padded lengths of the next `steps` batches: the shapes a run of that many steps will train on."""
+        """The padded lengths of the next `steps` batches (packed: their global row counts): the shapes a run of
+        that many steps will train on."""
+        if self.row_counts is not None:
+            flat = self.row_counts.ravel()[self._epoch * self.steps_per_epoch + self._step:][:steps]
+            return sorted({int(r) for r in flat})
         used, epoch, step, left = set(), self._epoch, self._step, steps
         while left > 0 and len(used) < np.count_nonzero(self.batches_per_bucket):
             order = _bucket_order(self.batches_per_bucket, self.seed, epoch)[step:step + left]
@@ -280,10 +333,21 @@ class TrainBatches:
         return train_epoch_plan(self._slots, self.first_slot, self.batches_per_bucket, self.seed, epoch)
 
     def _host_stream(self, epoch: int, step: int) -> Iterator[tuple[int, int, dict]]:
+        if self.packing_shapes and self.row_counts is None:
+            raise RuntimeError("packed TrainBatches need plan_packing(total_steps) before the first batch")
         while self.num_epochs is None or epoch < self.num_epochs:
             for s, (k, idx) in enumerate(self.epoch_plan(epoch)[step:], start=step):
-                batch = _host_batch(self.split, idx, self.bucket_lengths[k], self.local_batch)
-                yield epoch, s, _place(batch, self.sharding, self.global_batch_size)
+                if self.row_counts is None:
+                    batch = _host_batch(self.split, idx, self.bucket_lengths[k], self.local_batch)
+                    yield epoch, s, _place(batch, self.sharding, self.global_batch_size)
+                    continue
+                if epoch >= len(self.row_counts):
+                    raise RuntimeError(f"epoch {epoch} is past the {len(self.row_counts)} that plan_packing planned")
+                rows = int(self.row_counts[epoch, s])
+                length = self.split.max_length
+                packed = packing.pack(self.split.lengths[idx], length)
+                slots = packing.slots(packed, rows // self.split.process_count, self.segments, idx)
+                yield epoch, s, _place(packing.host_batch(self.split, slots, length), self.sharding, rows)
             epoch, step = epoch + 1, 0
 
     def _open(self) -> Iterator:
@@ -344,8 +408,44 @@ def batch_structs(split: TokenizedSplit, global_batch_size: int, length: int,
     step is compiled for before any batch exists. Built by the batch code itself, so the two always agree."""
     local_batch = global_batch_size // split.process_count
     host = (_eval_batch if evaluation else _host_batch)(split, np.zeros(0, np.int64), length, local_batch)
-    return {k: jax.ShapeDtypeStruct((global_batch_size,) + v.shape[1:], v.dtype, sharding=sharding)
+    return _structs(host, global_batch_size, sharding)
+
+
+def _structs(host: dict, global_rows: int, sharding: jax.sharding.NamedSharding | None) -> dict:
+    return {k: jax.ShapeDtypeStruct((global_rows,) + v.shape[1:], v.dtype, sharding=sharding)
             for k, v in host.items()}
+
+
+def packed_eval_plan(split: TokenizedSplit, global_batch_size: int, sharding: jax.sharding.NamedSharding | None
+                     ) -> tuple[int, int, list[np.ndarray]]:
+    """(global rows per batch, text slots per row, each batch's slots [local rows, slots] of local split rows, -1
+    empty) of a packed evaluation: the split packed whole, its rows cut into batches that hold about
+    `global_batch_size` texts. Every process must call it at the same time."""
+    _check_processes(split)
+    local_batch_size(global_batch_size, sharding, split.process_count)
+    rows = packing.pack(split.lengths, split.max_length)
+    most = max([1, *map(len, rows)])
+    counts = _allgather_counts(np.array([len(split), len(rows), most]))
+    p = split.process_count
+    per_text = counts[:, 1].sum() / max(int(counts[:, 0].sum()), 1)
+    global_rows = int(packing.round_up(max(1, math.ceil(global_batch_size * per_text)),
+                                       math.lcm(_shards(sharding), p)))
+    local = global_rows // p
+    batches = int((-(-counts[:, 1] // local)).max())
+    segments = int(counts[:, 2].max())
+    return global_rows, segments, [packing.slots(rows[b * local:(b + 1) * local], local, segments)
+                                   for b in range(batches)]
+
+
+def eval_structs(split: TokenizedSplit, global_batch_size: int, buckets: Sequence[int],
+                 sharding: jax.sharding.NamedSharding | None, packed: bool = False) -> list[dict]:
+    """The batch structs of every shape the split's evaluation batches have."""
+    if not packed:
+        return [batch_structs(split, global_batch_size, n, sharding, evaluation=True)
+                for n in eval_lengths(split, global_batch_size, buckets, sharding)]
+    rows, segments, _ = packed_eval_plan(split, global_batch_size, sharding)
+    empty = np.full((rows // split.process_count, segments), -1)
+    return [_structs(packing.host_batch(split, empty, split.max_length, evaluation=True), rows, sharding)]
 
 
 def eval_lengths(split: TokenizedSplit, global_batch_size: int, buckets: Sequence[int],
@@ -355,15 +455,22 @@ def eval_lengths(split: TokenizedSplit, global_batch_size: int, buckets: Sequenc
 
 
 def eval_batches(split: TokenizedSplit, global_batch_size: int, buckets: Sequence[int],
-                 sharding: jax.sharding.NamedSharding | None, prefetch: int = 2) -> Iterator[dict]:
-    """Every row of the split exactly once (fields as in training, plus "row"; filler rows have weight 0).
+                 sharding: jax.sharding.NamedSharding | None, prefetch: int = 2, packed: bool = False
+                 ) -> Iterator[dict]:
+    """Every row of the split exactly once (fields as in training, plus "row"; filler rows have weight 0), padded
+    by length bucket or packed (packed_eval_plan).
 
     Every process must call it at the same time (it agrees on per-bucket counts with the others).
     """
-    plan = eval_plan(split, global_batch_size, buckets, sharding)
-    local_batch = global_batch_size // split.process_count
-    stream = (_place(_eval_batch(split, idx, length, local_batch), sharding, global_batch_size)
-              for length, idx in plan)
+    if packed:
+        rows, _, slots = packed_eval_plan(split, global_batch_size, sharding)
+        stream = (_place(packing.host_batch(split, s, split.max_length, evaluation=True), sharding, rows)
+                  for s in slots)
+    else:
+        plan = eval_plan(split, global_batch_size, buckets, sharding)
+        local_batch = global_batch_size // split.process_count
+        stream = (_place(_eval_batch(split, idx, length, local_batch), sharding, global_batch_size)
+                  for length, idx in plan)
     return _prefetched(stream, prefetch) if prefetch > 0 else stream
 
 

@@ -52,6 +52,7 @@ class Loaded:
     stride: int = DataConfig().stride
     head_tokens: int | None = None
     chunk_aggregation: str = DataConfig().chunk_aggregation
+    packing: bool = DataConfig().packing == "on"  # texts share rows (data.packing), where the backbone can
 
     @property
     def long_text_spec(self) -> LongText:
@@ -106,7 +107,8 @@ def load(source: str, *, step: str | int | None = None, pooling: str | None = No
     params = weights.load_params(model, folder, jax.random.PRNGKey(0))
     notes = [] if _has_head(folder) else [f"{source} has no trained classifier head (a base model): the head is "
                                           "random, so its predictions mean nothing"]
-    return Loaded(model, params, folder, str(source), length, list(DEFAULT_BUCKETS), None, notes)
+    return Loaded(model, params, folder, str(source), length, list(DEFAULT_BUCKETS), None, notes,
+                  packing=DataConfig().packing == "on" and model.impl == "fast")
 
 
 def _has_head(folder: Path) -> bool:
@@ -144,7 +146,7 @@ def _load_run(run_dir: Path, step: str | int | None, max_length: int | None) -> 
     d = cfg.data
     return Loaded(model, params, model_dir, f"{run_dir} ({which})", max_length or d.max_length, list(d.buckets), cfg,
                   long_text=d.long_text, stride=d.stride, head_tokens=d.head_tokens,
-                  chunk_aggregation=d.chunk_aggregation)
+                  chunk_aggregation=d.chunk_aggregation, packing=d.packing == "on" and cfg.model.impl == "fast")
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -164,16 +166,22 @@ def tokenize(loaded: Loaded, texts: Sequence[str], pairs: Sequence[str] | None) 
 
 
 def _forward(model: Classifier):
-    return jax.jit(lambda params, ids, mask, types: model.apply(params, ids, mask, types))
+    return jax.jit(lambda params, ids, mask, types, segments=None: model.apply(params, ids, mask, types,
+                                                                                segments=segments),
+                   static_argnames="segments")
 
 
 def logits(loaded: Loaded, split: data.TokenizedSplit, batch_size: int = 64, progress: bool = False) -> np.ndarray:
     """Float32 logits [N, C] of the split's texts in row order (a chunked split's windows aggregated per text),
-    batched by length bucket like evaluation in training."""
+    batched like evaluation in training: packed (about batch_size texts a batch) or by length bucket."""
     if len(split) == 0:
         return np.zeros((0, loaded.model.config.num_labels), np.float32)
-    plan = data.eval_plan(split, batch_size, loaded.buckets, None)
-    batches = data.eval_batches(split, batch_size, loaded.buckets, None, prefetch=0)
+    if loaded.packing:
+        _, segments, slots = data.packed_eval_plan(split, batch_size, None)
+        plan = [(segments, s[s >= 0], s >= 0) for s in slots]
+    else:
+        plan = [(None, idx, slice(len(idx))) for _, idx in data.eval_plan(split, batch_size, loaded.buckets, None)]
+    batches = data.eval_batches(split, batch_size, loaded.buckets, None, prefetch=0, packed=loaded.packing)
     out = np.zeros((len(split), loaded.model.config.num_labels), np.float32)
     forward = _forward(loaded.model)
     bar = None
@@ -181,9 +189,9 @@ def logits(loaded: Loaded, split: data.TokenizedSplit, batch_size: int = 64, pro
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(split), unit="text", dynamic_ncols=True, leave=False)
-    for (_, idx), batch in zip(plan, batches, strict=True):
-        z = forward(loaded.params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        out[idx] = np.asarray(z)[: len(idx)]
+    for (segments, idx, filled), batch in zip(plan, batches, strict=True):
+        z = forward(loaded.params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], segments)
+        out[idx] = np.asarray(z)[filled]
         if bar is not None:
             bar.update(len(idx))
     if bar is not None:

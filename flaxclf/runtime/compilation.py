@@ -205,9 +205,14 @@ class StepCache:
                 f.unlink(missing_ok=True)
 
 
+def _shape_key(batch: dict) -> tuple:
+    """What tells a batch's executables apart: its tokens' shape, and a packed batch's text slots per row."""
+    return tuple(batch["input_ids"].shape), tuple(batch["weight"].shape)
+
+
 class Precompiled:
     """A jitted step whose executables for given batch shapes are compiled in the background (or loaded from
-    a StepCache), ahead of their first use; a call dispatches on its batch's input_ids shape, and any other
+    a StepCache), ahead of their first use; a call dispatches on its batch's shape (_shape_key), and any other
     shape goes to jit as before. `description` names everything the step closes over besides its arguments
     (model, optimizer settings, loss, mesh): it is part of the cache key."""
 
@@ -233,7 +238,7 @@ class Precompiled:
     def start(self, args: Iterable[tuple]) -> Precompiled:
         """Starts compiling for each argument tuple (structs; the batch, a dict, last)."""
         for a in args:
-            key = tuple(a[-1]["input_ids"].shape)
+            key = _shape_key(a[-1])
             if key not in self._futures:
                 self._futures[key] = self._pool.submit(self._compile, a)
         return self
@@ -244,14 +249,15 @@ class Precompiled:
             self._ready[key] = future.result()
 
     def __call__(self, *args):
-        key = tuple(args[-1]["input_ids"].shape)
+        key = _shape_key(args[-1])
         exe = self._ready.get(key)
         if exe is None and key in self._futures:
             exe = self._ready[key] = self._futures[key].result()
         return (exe or self.jitted)(*args)
 
     def shapes(self) -> list[tuple[int, ...]]:
-        return sorted(self._futures)
+        """The input_ids shapes of the executables started."""
+        return sorted(key[0] for key in self._futures)
 
     def temp_bytes(self) -> int:
         """The largest temporaries of the executables ready so far (XLA's memory analysis; 0 if none says)."""

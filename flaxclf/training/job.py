@@ -105,10 +105,17 @@ def _setup_model(cfg: RunConfig, clock: timing.Clock, run_dir: Path, mesh, model
     loss = losses.resolve(cfg.loss, model.config.problem_type, task.label_names, task.train_labels)
     if cfg.data.long_text == "chunks":
         long_text.check_aggregation(model.config.problem_type, cfg.data.chunk_aggregation)
+    packed = cfg.data.packing == "on"
+    if packed and cfg.model.impl != "fast":
+        raise ConfigError(f"data.packing=on gives the encoder segment ids, which model.impl={cfg.model.impl} "
+                          "(transformers' FlaxBertModule) does not take; set data.packing=off")
     batch_s = sharding.batch_sharding(mesh)
     batches = data.TrainBatches(splits["train"], cfg.train.global_batch_size, cfg.data.buckets, cfg.train.seed,
-                                batch_s, prefetch=cfg.data.prefetch)
+                                batch_s, prefetch=cfg.data.prefetch,
+                                packing_shapes=cfg.data.packing_shapes if packed else None)
     total = cfg.train.max_steps or cfg.train.epochs * batches.steps_per_epoch
+    if packed:
+        batches.plan_packing(total, cfg.optim.grad_accum_steps)
     tx = make_optimizer(cfg.optim, total, model.config.encoder.decays)
     abstract = abstract_state(model, tx, jnp.dtype(cfg.model.param_dtype))
     shardings = state_shardings(abstract, mesh, model)
@@ -117,15 +124,14 @@ def _setup_model(cfg: RunConfig, clock: timing.Clock, run_dir: Path, mesh, model
     multihost_utils.sync_global_devices("flaxclf:fresh")
     ckpt = Checkpointer(run_dir / CHECKPOINTS, cfg.checkpoint, f"validation/{cfg.train.best_metric}")
     jitted_train, jitted_eval = compile_steps(model, tx, loss, cfg.optim.grad_accum_steps, mesh, shardings)
-    evals = {split: data.eval_lengths(splits[split], cfg.train.eval_batch_size, cfg.data.buckets, batch_s)
-             for split in ("validation", "test") if split in splits}
-    pool = compilation.pool(len(batches.bucket_lengths) + len({n for ns in evals.values() for n in ns}))
+    evals = [s for split in ("validation", "test") if split in splits
+             for s in data.eval_structs(splits[split], cfg.train.eval_batch_size, cfg.data.buckets, batch_s, packed)]
+    pool = compilation.pool(len(batches.lengths(total)) + len(evals))
     try:
         # The evaluation shapes compile while the checkpoint is read and the weights load.
         params_s = compilation.structs(abstract.params, shardings.params)
         eval_step = compilation.Precompiled(jitted_eval, pool, step_cache, repr(("eval", model, mesh))).start(
-            (params_s, data.batch_structs(splits[split], cfg.train.eval_batch_size, n, batch_s, evaluation=True))
-            for split, lengths in evals.items() for n in lengths)
+            (params_s, structs) for structs in evals)
         restored = _restore(ckpt, abstract, shardings, cfg, task, run_dir)
         best, early = {"value": None, "step": None}, stopping.initial()
         if restored is not None:
@@ -139,8 +145,7 @@ def _setup_model(cfg: RunConfig, clock: timing.Clock, run_dir: Path, mesh, model
         start = 0 if restored is None else int(jax.device_get(state.step))
         if not early["stopped"]:
             state_s = compilation.structs(abstract, shardings)
-            train_step.start((state_s, data.batch_structs(splits["train"], cfg.train.global_batch_size, n, batch_s))
-                             for n in batches.lengths(total - start))
+            train_step.start((state_s, structs) for structs in batches.structs(total - start))
         if restored is None:
             host = weights.load_params(model, model_dir, jax.random.PRNGKey(cfg.train.seed))
             host = cast_floats(host, jnp.dtype(cfg.model.param_dtype))

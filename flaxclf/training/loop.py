@@ -25,6 +25,7 @@ from flaxclf.training.checkpoint import lower_is_better
 from flaxclf.training.job import Job, heap_cap, meta, setup
 from flaxclf.training.metrics_log import RunLog
 from flaxclf.training.preemption import PREEMPTED_EXIT_CODE, Preempted, Signals, any_process
+from flaxclf.training.steps import per_text
 
 
 class TrainingError(RuntimeError):
@@ -37,11 +38,10 @@ def evaluate(job: Job, params: Any, split: str) -> dict:
     tokenized = job.splits[split]
     out = {"logits": [], "labels": [], "weight": [], "row": []}
     for batch in data.eval_batches(tokenized, job.cfg.train.eval_batch_size, job.cfg.data.buckets,
-                                   batch_s, prefetch=job.cfg.data.prefetch):
-        logits = job.eval_step(params, batch)
-        for k, v in (("logits", logits), ("labels", batch["labels"]), ("weight", batch["weight"]),
-                     ("row", batch["row"])):
-            out[k].append(sharding.to_host(v))
+                                   batch_s, prefetch=job.cfg.data.prefetch, packed=job.cfg.data.packing == "on"):
+        out["logits"].append(sharding.to_host(job.eval_step(params, batch)))
+        for k in ("labels", "weight", "row"):  # one entry per text slot, as the logits
+            out[k].append(per_text(sharding.to_host(batch[k]), batch))
     cat = {k: np.concatenate(v) for k, v in out.items()}
     problem_type = job.model.config.problem_type
     if tokenized.chunked:  # one prediction per text: its windows' outputs combined, every text counted once
@@ -148,6 +148,14 @@ def _track_best(job: Job, step: int, result: dict) -> dict | None:
     return {f"validation/{name}": value}
 
 
+def _batch_figures(job: Job) -> dict:
+    """How the training texts were batched: tokens computed per text against the texts' own, and the shapes."""
+    b = job.batches
+    return {"packing": job.cfg.data.packing, "train_shapes": b.lengths(job.total_steps),
+            "tokens_per_text": round(b.padded_tokens(), 2),
+            "real_tokens_per_text": round(float(b.split.lengths.mean()) if len(b.split) else 0.0, 2)}
+
+
 def finish(job: Job, log: RunLog, clock: timing.Clock | None = None) -> dict:
     """Waits for checkpoints, exports the best (or final) model in the HF format, evaluates it on test."""
     clock = clock or timing.Clock()
@@ -159,7 +167,8 @@ def finish(job: Job, log: RunLog, clock: timing.Clock | None = None) -> dict:
             params = job.ckpt.restore_params(best_step, job.abstract.params, job.shardings.params)
             which = f"best (step {best_step})"
     summary = {"run_dir": str(job.run_dir), "exported": which, "best": job.best, "steps": int(job.state.step),
-               "early_stopped": job.early["stopped"], "loss": dataclasses.asdict(job.loss), "warnings": []}
+               "early_stopped": job.early["stopped"], "loss": dataclasses.asdict(job.loss), "warnings": [],
+               "batches": _batch_figures(job)}
     for split in ("validation", "test"):
         if split in job.splits:
             with clock.phase("evaluate"):

@@ -75,17 +75,36 @@ def _micro_batches(batch: dict, k: int, mesh: Mesh) -> dict:
     return jax.tree.map(split, batch)
 
 
+def segments(batch: dict) -> int | None:
+    """A packed batch's text slots per row (its per-text fields are [rows, slots]), None for a padded one."""
+    return batch["weight"].shape[1] if batch["weight"].ndim == 2 else None
+
+
+def per_text(x: jax.Array, batch: dict) -> jax.Array:
+    """A per-text field or output ([rows] or, packed, [rows, slots]) as one entry per text slot, [N, ...]."""
+    return x.reshape((-1,) + x.shape[batch["weight"].ndim:])
+
+
+def logits(params: Any, batch: dict, model: Classifier, **kwargs: Any) -> jax.Array:
+    """The model's float32 logits, one row per text slot of the batch: [N, C]."""
+    z = model.apply(params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                    segments=segments(batch), **kwargs)
+    return per_text(z, batch)
+
+
 def train_step(state: TrainState, batch: dict, *, model: Classifier, tx: optax.GradientTransformation,
                loss_spec: losses.LossSpec | str, accum_steps: int, mesh: Mesh) -> tuple[TrainState, dict]:
-    """One optimizer step on one global batch, split into `accum_steps` micro-batches whose summed gradients
-    equal the full batch's (each micro-loss divides by the whole batch's denominator, class weights included)."""
+    """One optimizer step on one global batch (padded or packed), split into `accum_steps` micro-batches whose
+    summed gradients equal the full batch's (each micro-loss divides by the whole batch's denominator, class
+    weights included)."""
     key = jax.random.fold_in(state.rng, state.step)
-    denominator = losses.batch_denominator(loss_spec, batch["labels"], batch["weight"])
+    denominator = losses.batch_denominator(loss_spec, per_text(batch["labels"], batch),
+                                           per_text(batch["weight"], batch))
 
     def loss_fn(params, micro, micro_key):
-        logits = model.apply(params, micro["input_ids"], micro["attention_mask"], micro["token_type_ids"],
-                             deterministic=False, rngs={"dropout": micro_key})
-        return losses.loss(loss_spec, logits, micro["labels"], micro["weight"], denominator)
+        z = logits(params, micro, model, deterministic=False, rngs={"dropout": micro_key})
+        return losses.loss(loss_spec, z, per_text(micro["labels"], micro), per_text(micro["weight"], micro),
+                           denominator)
 
     grad_fn = jax.value_and_grad(loss_fn)
     if accum_steps == 1:
@@ -105,8 +124,8 @@ def train_step(state: TrainState, batch: dict, *, model: Classifier, tx: optax.G
 
 
 def eval_step(params: Any, batch: dict, *, model: Classifier) -> jax.Array:
-    """Logits of one evaluation batch (dropout off), float32 [B, C]."""
-    return model.apply(params, batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    """Logits of one evaluation batch (dropout off), float32 [N, C]: one per text slot (per_text)."""
+    return logits(params, batch, model)
 
 
 def compile_steps(model: Classifier, tx: optax.GradientTransformation, loss_spec: losses.LossSpec | str,
