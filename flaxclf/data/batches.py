@@ -265,6 +265,7 @@ class TrainBatches:
         self.bucket_lengths = [split.max_length] if packing_shapes else bucket_lengths(buckets, split.max_length)
         self.row_counts: np.ndarray | None = None  # packed: each step's global rows, [planned epochs, steps]
         self.segments: int | None = None  # packed: text slots per row
+        self._per_process = 1  # packed: groups of slots packed apart on this process (plan_packing)
         self._slots = _slot_members(split, global_batch_size, self.bucket_lengths)
         self.first_slot = split.process_index * self.local_batch
         local_SxK = np.array([[len(m) for m in slot] for slot in self._slots])
@@ -280,22 +281,29 @@ class TrainBatches:
         if start_state is not None:
             self.restore(start_state)
 
+    def _groups(self, idx: np.ndarray) -> list[list[list[int]]]:
+        """A step's texts packed, one group of slots at a time (each batch shard's slots: the rows it holds come
+        from its own texts, so the packing is the same for any process count on the same number of shards)."""
+        return [packing.pack(self.split.lengths[g], self.split.max_length) for g in np.split(idx, self._per_process)]
+
     def plan_packing(self, total_steps: int, row_multiple: int = 1) -> None:
         """Packs every batch of a run of `total_steps` steps (all processes at once: they agree on the row counts)
         and fixes its row counts: at most packing_shapes values, each a multiple of the batch shards, the process
         count and `row_multiple` (the micro-batches of gradient accumulation)."""
+        p, shards = self.split.process_count, _shards(self.sharding)
+        self._per_process = shards // p if shards % p == 0 and self.local_batch % (shards // p) == 0 else 1
+        groups = self._per_process * p
         epochs = max(1, -(-total_steps // self.steps_per_epoch))
         need = np.zeros((epochs, self.steps_per_epoch), np.int64)
         most = 1
         for e in range(epochs):
             for s, (_, idx) in enumerate(self.epoch_plan(e)):
-                rows = packing.pack(self.split.lengths[idx], self.split.max_length)
-                need[e, s] = len(rows)
-                most = max([most, *map(len, rows)])
+                packed = self._groups(idx)
+                need[e, s] = max(map(len, packed))
+                most = max([most, *(len(r) for rows in packed for r in rows)])
         gathered = _allgather_counts(np.concatenate([need.ravel(), [most]]))
-        p = self.split.process_count
-        unit = math.lcm(_shards(self.sharding) * row_multiple, p)
-        global_need = packing.round_up(p * gathered[:, :-1].max(0), unit).reshape(need.shape)
+        unit = math.lcm(shards * row_multiple, p, groups)  # global rows: whole groups, shards and micro-batches
+        global_need = packing.round_up(groups * gathered[:, :-1].max(0), unit).reshape(need.shape)
         shapes = np.asarray(packing.choose_shapes(global_need, self.packing_shapes))
         self.row_counts = shapes[np.searchsorted(shapes, global_need)]
         self.segments = int(gathered[:, -1].max())
@@ -344,10 +352,11 @@ class TrainBatches:
                 if epoch >= len(self.row_counts):
                     raise RuntimeError(f"epoch {epoch} is past the {len(self.row_counts)} that plan_packing planned")
                 rows = int(self.row_counts[epoch, s])
-                length = self.split.max_length
-                packed = packing.pack(self.split.lengths[idx], length)
-                slots = packing.slots(packed, rows // self.split.process_count, self.segments, idx)
-                yield epoch, s, _place(packing.host_batch(self.split, slots, length), self.sharding, rows)
+                per_group = rows // (self._per_process * self.split.process_count)
+                slots = np.concatenate([packing.slots(packed, per_group, self.segments, g) for packed, g in
+                                        zip(self._groups(idx), np.split(idx, self._per_process), strict=True)])
+                batch = packing.host_batch(self.split, slots, self.split.max_length)
+                yield epoch, s, _place(batch, self.sharding, rows)
             epoch, step = epoch + 1, 0
 
     def _open(self) -> Iterator:
