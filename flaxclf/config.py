@@ -363,6 +363,9 @@ def validate(cfg: RunConfig) -> None:
     _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm must be positive or null")
     hf_problem = hf_flax_problem() if cfg.model.impl == "hf" else None
     _check(hf_problem is None, hf_problem or "")
+    _check(d.packing == "off" or cfg.model.impl == "fast",
+           f"data.packing=on gives the encoder segment ids, which model.impl={cfg.model.impl} (transformers' "
+           "FlaxBertModule) does not take; set data.packing=off")
     cd = cfg.model.classifier_dropout
     _check(cd is None or 0.0 <= cd < 1.0, f"model.classifier_dropout: {cd} must be in [0, 1) or null")
     sizes = [m.data, m.fsdp, m.tensor]

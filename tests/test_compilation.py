@@ -136,8 +136,9 @@ def test_a_resumed_run_with_another_max_steps_reads_its_steps_from_the_cache(tmp
     resumed with more steps reads every step executable whole from the cache and saves none anew. (A decaying
     schedule holds the total as a constant, and compiles again: test_optim's schedule_constants test.)"""
     cache, run_dir = tmp_path / "xla", tmp_path / "run"
-    args = ("train.eval_every=2", "checkpoint.every_steps=2", "data.buckets=[32]", "optim.schedule=constant",
-            "optim.warmup_ratio=0", f"train.compilation_cache_dir={cache}")
+    # One shape for every step (packed: data.packing_shapes=1), so that the resumed steps have no shape of their own.
+    args = ("train.eval_every=2", "checkpoint.every_steps=2", "data.buckets=[32]", "data.packing_shapes=1",
+            "optim.schedule=constant", "optim.warmup_ratio=0", f"train.compilation_cache_dir={cache}")
     ok(flaxclf(*train_args(tiny_model_dir, run_dir, "train.max_steps=2", *args)))
     (steps,) = cache.glob("*/steps")
     saved = sorted(steps.iterdir())
@@ -195,7 +196,7 @@ def test_train_lengths_are_those_of_the_batches_that_run(steps, start):
 def test_setup_compiles_the_train_shapes_of_the_steps_left_and_none_for_a_finished_run(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "run"
     overrides = [str(a) for a in train_args(tiny_model_dir, run_dir, "train.max_steps=2", "data.buckets=[8,16,32]",
-                                              "train.compilation_cache=false")[3:] if a != "--no-progress"]
+                                              "data.packing=off", "train.compilation_cache=false")[3:] if a != "--no-progress"]
     cfg = load_config(ROOT / "configs/tiny.yaml", overrides)
     job = train.setup(cfg)
     try:

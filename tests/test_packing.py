@@ -16,7 +16,7 @@ from flaxclf.config import DataConfig
 from flaxclf.data import packing
 from flaxclf.models.classifier import ClassifierConfig, init_params, make_classifier
 from flaxclf.models.modernbert.spec import AttentionImpl
-from flaxclf.options import SINGLE
+from flaxclf.options import SINGLE, hf_flax_problem
 from flaxclf.training import losses
 from flaxclf.training.steps import logits as step_logits
 from flaxclf.training.steps import per_text
@@ -231,3 +231,16 @@ def test_packed_evaluation_sees_every_text_once(rt128):
     assert all(b["input_ids"].shape == (rows, 128) and b["row"].shape == (rows, segments) for b in batches)
     per_batch = [int((b["weight"] > 0).sum()) for b in batches]
     assert abs(np.mean(per_batch[:-1]) - 64) < 16  # about the batch size's texts a batch
+
+
+def test_packing_with_transformers_flax_backbone_is_refused_in_one_line():
+    from flaxclf.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data.packing=on gives the encoder segment ids, which model.impl=hf .* "
+                                          r"set data.packing=off$") as e:
+        if hf_flax_problem() is not None:  # transformers 5: impl=hf itself is refused first, as test_model checks
+            pytest.skip(hf_flax_problem())
+        load_config(None, ["model.impl=hf"])
+    assert "\n" not in str(e.value)
+    assert load_config(None, ["model.impl=hf", "data.packing=off"]).data.packing == "off"
+

@@ -51,7 +51,9 @@ class EncoderSpec(Protocol):
 
 class Classifier(Protocol):
     """A Flax module that classifies: logits [B, num_labels] in fp32 whatever the compute dtype. Families without
-    token types accept token_type_ids and ignore them (every batch carries them)."""
+    token types accept token_type_ids and ignore them (every batch carries them). With segments=S the rows are
+    packed (flaxclf.nn.segments: attention_mask holds each token's text, 1..S) and the logits are [B, S,
+    num_labels], each text's own: what it gives alone in a row."""
 
     config: ClassifierConfig
     dtype: Any
@@ -59,7 +61,7 @@ class Classifier(Protocol):
     impl: str
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array | None = None, *,
-                 deterministic: bool = True) -> jax.Array: ...
+                 deterministic: bool = True, segments: int | None = None) -> jax.Array: ...
 
     def encode(self, input_ids: jax.Array, attention_mask: jax.Array, token_type_ids: jax.Array | None = None, *,
                deterministic: bool = True) -> jax.Array:

@@ -189,8 +189,11 @@ class Checkpointer:
 RESUME_KEYS = ("model.name", "model.pooling", "model.problem_type", "model.param_dtype",
                "data.task", "data.train_file", "data.format", "data.text_column", "data.text_pair_column",
                "data.label_column", "data.label_type", "data.max_length", "data.buckets", "data.empty_text",
-               "data.long_text", "data.stride", "data.head_tokens",
+               "data.long_text", "data.stride", "data.head_tokens", "data.packing",
                "train.global_batch_size", "train.seed")
+# What a field absent from an older checkpoint's config meant, where that is not today's default: runs from
+# before data.packing padded their batches.
+_BEFORE_FIELD = {"data.packing": "off"}
 
 
 _ABSENT = object()
@@ -208,7 +211,8 @@ def resume_changes(saved: dict, now: RunConfig) -> list[str]:
     out = []
     for key in RESUME_KEYS:
         old = _get(saved, key)
-        old = _get(default, key) if old is _ABSENT else old  # a field newer than the checkpoint: its default
+        if old is _ABSENT:  # a field newer than the checkpoint: what it was then
+            old = _BEFORE_FIELD.get(key, _get(default, key))
         if old != _get(current, key):
             out.append(f"{key}: {old} -> {_get(current, key)}")
     return out

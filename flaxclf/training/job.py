@@ -106,9 +106,6 @@ def _setup_model(cfg: RunConfig, clock: timing.Clock, run_dir: Path, mesh, model
     if cfg.data.long_text == "chunks":
         long_text.check_aggregation(model.config.problem_type, cfg.data.chunk_aggregation)
     packed = cfg.data.packing == "on"
-    if packed and cfg.model.impl != "fast":
-        raise ConfigError(f"data.packing=on gives the encoder segment ids, which model.impl={cfg.model.impl} "
-                          "(transformers' FlaxBertModule) does not take; set data.packing=off")
     batch_s = sharding.batch_sharding(mesh)
     batches = data.TrainBatches(splits["train"], cfg.train.global_batch_size, cfg.data.buckets, cfg.train.seed,
                                 batch_s, prefetch=cfg.data.prefetch,
