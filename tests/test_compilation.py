@@ -195,8 +195,9 @@ def test_train_lengths_are_those_of_the_batches_that_run(steps, start):
 
 def test_setup_compiles_the_train_shapes_of_the_steps_left_and_none_for_a_finished_run(tmp_path, tiny_model_dir):
     run_dir = tmp_path / "run"
-    overrides = [str(a) for a in train_args(tiny_model_dir, run_dir, "train.max_steps=2", "data.buckets=[8,16,32]",
-                                              "data.packing=off", "train.compilation_cache=false")[3:] if a != "--no-progress"]
+    args = train_args(tiny_model_dir, run_dir, "train.max_steps=2", "data.buckets=[8,16,32]", "data.packing=off",
+                      "train.compilation_cache=false")
+    overrides = [str(a) for a in args[3:] if a != "--no-progress"]
     cfg = load_config(ROOT / "configs/tiny.yaml", overrides)
     job = train.setup(cfg)
     try:
