@@ -14,12 +14,12 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from flaxclf import assets, data
 from flaxclf.config import DataConfig
 from flaxclf.data import packing
+from flaxclf.data.packing import per_text
 from flaxclf.models.classifier import ClassifierConfig, init_params, make_classifier
 from flaxclf.models.modernbert.spec import AttentionImpl
 from flaxclf.options import SINGLE, hf_flax_problem
 from flaxclf.training import losses
 from flaxclf.training.steps import logits as step_logits
-from flaxclf.training.steps import per_text
 from tests.helpers import f32_bound
 from tests.test_families import CASES, EMBEDDING_DEPTH, HEAD_DEPTH, LAYER_DEPTH, LOSS_DEPTH, _hf_kwargs, _layers
 
@@ -211,8 +211,8 @@ def test_the_main_job_pads_at_most_a_tenth_in_four_train_shapes_and_one_eval_sha
     total = 3 * it.steps_per_epoch
     it.plan_packing(total)
     shapes = it.lengths(total)
-    ratio = it.padded_tokens() / split.lengths.mean()
-    print(f"train row counts {shapes}, segments {it.segments}, tokens per text {it.padded_tokens():.2f} against "
+    ratio = it.padded_tokens(total) / split.lengths.mean()
+    print(f"train row counts {shapes}, segments {it.segments}, tokens per text {it.padded_tokens(total):.2f} against "
           f"{split.lengths.mean():.2f} real ({ratio:.3f}x)")
     assert len(shapes) <= 4 and ratio <= 1.10
     one = data.TrainBatches(split, 32, [128], seed=0, sharding=None, prefetch=0, packing_shapes=1)
@@ -244,3 +244,14 @@ def test_packing_with_transformers_flax_backbone_is_refused_in_one_line():
     assert "\n" not in str(e.value)
     assert load_config(None, ["model.impl=hf", "data.packing=off"]).data.packing == "off"
 
+
+
+def test_a_resume_with_packing_changed_is_refused_and_older_checkpoints_count_as_padded():
+    from flaxclf.config import RunConfig, load_config
+    from flaxclf.training.checkpoint import resume_changes
+
+    before_packing = RunConfig().to_dict()
+    del before_packing["data"]["packing"], before_packing["data"]["packing_shapes"]
+    assert resume_changes(before_packing, RunConfig()) == ["data.packing: off -> on"]
+    assert resume_changes(before_packing, load_config(None, ["data.packing=off"])) == []
+    assert resume_changes(RunConfig().to_dict(), load_config(None, ["data.packing_shapes=1"])) == []

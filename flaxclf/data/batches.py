@@ -281,10 +281,12 @@ class TrainBatches:
         if start_state is not None:
             self.restore(start_state)
 
-    def _groups(self, idx: np.ndarray) -> list[list[list[int]]]:
-        """A step's texts packed, one group of slots at a time (each batch shard's slots: the rows it holds come
-        from its own texts, so the packing is the same for any process count on the same number of shards)."""
-        return [packing.pack(self.split.lengths[g], self.split.max_length) for g in np.split(idx, self._per_process)]
+    def _groups(self, idx: np.ndarray) -> list[tuple[np.ndarray, list[list[int]]]]:
+        """A step's texts packed one group of slots at a time, (the group's split rows, its packed rows) each: a
+        group is a batch shard's slots, whose rows it holds, so the packing is the same for any process count on
+        the same number of shards."""
+        return [(g, packing.pack(self.split.lengths[g], self.split.max_length))
+                for g in np.split(idx, self._per_process)]
 
     def plan_packing(self, total_steps: int, row_multiple: int = 1) -> None:
         """Packs every batch of a run of `total_steps` steps (all processes at once: they agree on the row counts)
@@ -298,7 +300,7 @@ class TrainBatches:
         most = 1
         for e in range(epochs):
             for s, (_, idx) in enumerate(self.epoch_plan(e)):
-                packed = self._groups(idx)
+                packed = [rows for _, rows in self._groups(idx)]
                 need[e, s] = max(map(len, packed))
                 most = max([most, *(len(r) for rows in packed for r in rows)])
         gathered = _allgather_counts(np.concatenate([need.ravel(), [most]]))
@@ -308,10 +310,11 @@ class TrainBatches:
         self.row_counts = shapes[np.searchsorted(shapes, global_need)]
         self.segments = int(gathered[:, -1].max())
 
-    def padded_tokens(self) -> float:
-        """Tokens a step computes per text, over the planned steps (packed) or one epoch (padded)."""
+    def padded_tokens(self, steps: int) -> float:
+        """Tokens a step computes per text, over a run's first `steps` steps (packed) or one epoch (padded)."""
         if self.row_counts is not None:
-            return float(self.row_counts.mean() * self.split.max_length / self.global_batch_size)
+            rows = self.row_counts.ravel()[:steps]
+            return float(rows.mean() * self.split.max_length / self.global_batch_size)
         steps = [self.bucket_lengths[k] for k, _ in self.epoch_plan(0)]
         return float(np.mean(steps))
 
@@ -353,8 +356,8 @@ class TrainBatches:
                     raise RuntimeError(f"epoch {epoch} is past the {len(self.row_counts)} that plan_packing planned")
                 rows = int(self.row_counts[epoch, s])
                 per_group = rows // (self._per_process * self.split.process_count)
-                slots = np.concatenate([packing.slots(packed, per_group, self.segments, g) for packed, g in
-                                        zip(self._groups(idx), np.split(idx, self._per_process), strict=True)])
+                slots = np.concatenate([packing.slots(rows, per_group, self.segments, g)
+                                        for g, rows in self._groups(idx)])
                 batch = packing.host_batch(self.split, slots, self.split.max_length)
                 yield epoch, s, _place(batch, self.sharding, rows)
             epoch, step = epoch + 1, 0

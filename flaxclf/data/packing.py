@@ -112,5 +112,16 @@ def choose_shapes(needs: np.ndarray, count: int) -> list[int]:
     return sorted(out)
 
 
+def segments(batch: dict) -> int | None:
+    """A packed batch's text slots per row (its per-text fields are [rows, slots]), None for a padded one."""
+    return batch["weight"].shape[1] if batch["weight"].ndim == 2 else None
+
+
+def per_text(x, batch: dict):
+    """A per-text field or output of `batch` ([rows] or, packed, [rows, slots]) as one entry per text slot,
+    [N, ...]; numpy or jax arrays alike."""
+    return x.reshape((-1,) + x.shape[batch["weight"].ndim:])
+
+
 def round_up(n: np.ndarray | int, multiple: int) -> np.ndarray:
     return -(-np.asarray(n, np.int64) // multiple) * multiple

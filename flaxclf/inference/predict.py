@@ -16,7 +16,7 @@ import numpy as np
 
 from flaxclf import assets, data
 from flaxclf.config import DataConfig, MeshConfig, RunConfig, from_dict
-from flaxclf.data import long_text, tokens
+from flaxclf.data import long_text, packing, tokens
 from flaxclf.data.long_text import LongText
 from flaxclf.hf import config as hf_config
 from flaxclf.hf import weights
@@ -179,9 +179,10 @@ def logits(loaded: Loaded, split: data.TokenizedSplit, batch_size: int = 64, pro
     if loaded.packing:
         _, segments, slots = data.packed_eval_plan(split, batch_size, None)
         plan = [(segments, s[s >= 0], s >= 0) for s in slots]
+        batches = (packing.host_batch(split, s, split.max_length) for s in slots)
     else:
         plan = [(None, idx, slice(len(idx))) for _, idx in data.eval_plan(split, batch_size, loaded.buckets, None)]
-    batches = data.eval_batches(split, batch_size, loaded.buckets, None, prefetch=0, packed=loaded.packing)
+        batches = data.eval_batches(split, batch_size, loaded.buckets, None, prefetch=0)
     out = np.zeros((len(split), loaded.model.config.num_labels), np.float32)
     forward = _forward(loaded.model)
     bar = None

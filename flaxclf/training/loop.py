@@ -17,6 +17,7 @@ import numpy as np
 from flaxclf import data
 from flaxclf.config import RunConfig
 from flaxclf.data import long_text
+from flaxclf.data.packing import per_text
 from flaxclf.hf import weights
 from flaxclf.options import HF_POOLING
 from flaxclf.runtime import sharding, timing
@@ -25,7 +26,6 @@ from flaxclf.training.checkpoint import lower_is_better
 from flaxclf.training.job import Job, heap_cap, meta, setup
 from flaxclf.training.metrics_log import RunLog
 from flaxclf.training.preemption import PREEMPTED_EXIT_CODE, Preempted, Signals, any_process
-from flaxclf.training.steps import per_text
 
 
 class TrainingError(RuntimeError):
@@ -151,8 +151,8 @@ def _track_best(job: Job, step: int, result: dict) -> dict | None:
 def _batch_figures(job: Job) -> dict:
     """How the training texts were batched: tokens computed per text against the texts' own, and the shapes."""
     b = job.batches
-    return {"packing": job.cfg.data.packing, "train_shapes": b.lengths(job.total_steps),
-            "tokens_per_text": round(b.padded_tokens(), 2),
+    return {"packing": job.cfg.data.packing, "train_shapes": [list(s) for s in job.train_step.shapes()],
+            "tokens_per_text": round(b.padded_tokens(job.total_steps), 2),
             "real_tokens_per_text": round(float(b.split.lengths.mean()) if len(b.split) else 0.0, 2)}
 
 

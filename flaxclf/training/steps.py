@@ -15,6 +15,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from flaxclf.data.packing import per_text, segments
 from flaxclf.models.classifier import dummy_inputs
 from flaxclf.models.interface import Classifier
 from flaxclf.runtime import sharding
@@ -73,16 +74,6 @@ def _micro_batches(batch: dict, k: int, mesh: Mesh) -> dict:
         x = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
         return jax.lax.with_sharding_constraint(x, spec)
     return jax.tree.map(split, batch)
-
-
-def segments(batch: dict) -> int | None:
-    """A packed batch's text slots per row (its per-text fields are [rows, slots]), None for a padded one."""
-    return batch["weight"].shape[1] if batch["weight"].ndim == 2 else None
-
-
-def per_text(x: jax.Array, batch: dict) -> jax.Array:
-    """A per-text field or output ([rows] or, packed, [rows, slots]) as one entry per text slot, [N, ...]."""
-    return x.reshape((-1,) + x.shape[batch["weight"].ndim:])
 
 
 def logits(params: Any, batch: dict, model: Classifier, **kwargs: Any) -> jax.Array:

@@ -108,8 +108,7 @@ class SelfAttention(nn.Module):
             keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, (1, 1, n, n))
             keep = keep[:, :, :q.shape[2]] if at is None else keep[0, 0][at][:, None]
         if cls_only:
-            bias = bias_Bx1xQxL if at is None or bias_Bx1xQxL.shape[2] == 1 else \
-                jnp.take_along_axis(bias_Bx1xQxL, at[:, None, :, None], axis=2)
+            bias = bias_Bx1xQxL if at is None else jnp.take_along_axis(bias_Bx1xQxL, at[:, None, :, None], axis=2)
             return cls_attention(x_BxLxD, q, bias, keep, rate, (wk, bk), (wv, bv), dt)
         k, v = heads(x_BxLxD, wk, bk), heads(x_BxLxD, wv, bv)
         scores_BxHxQxL = mm(q, jnp.swapaxes(k, -1, -2), dt) + bias_Bx1xQxL
