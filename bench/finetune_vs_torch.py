@@ -10,9 +10,9 @@ padding (each batch padded to its own longest row), as Trainer + DataCollatorWit
                       (transformers' get_length_grouped_indices, for training and evaluation), fp32
   torch_grouped_bf16  the same under torch.autocast("cpu", torch.bfloat16), as Trainer's bf16=True runs it
 and four flaxclf runs of the real `flaxclf train` command, each into a fresh run directory:
-  flaxclf             configs/default.yaml (fp32, packed rows), with an empty compilation cache
+  flaxclf             configs/default.yaml (fp32, length buckets), with an empty compilation cache
   flaxclf_second      the same command again: its executables come from the cache the first run filled
-  flaxclf_bucketed    the same with data.packing=off (length buckets; its shapes are its own: compiled afresh)
+  flaxclf_packed      the same with data.packing=on (packed rows; its shapes are its own: compiled afresh)
   flaxclf_bf16        configs/cpu-bf16.yaml (its own shapes and dtypes: compiled afresh)
 
     .venv/bin/python bench/finetune_vs_torch.py                  # every system, then the ratios
@@ -35,11 +35,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SYSTEMS = ("flaxclf", "flaxclf_second", "flaxclf_bucketed", "flaxclf_bf16", "torch_grouped", "torch_grouped_bf16",
+SYSTEMS = ("flaxclf", "flaxclf_second", "flaxclf_packed", "flaxclf_bf16", "torch_grouped", "torch_grouped_bf16",
            "torch")
 FLAXCLF_CONFIG = {"flaxclf": "configs/default.yaml", "flaxclf_second": "configs/default.yaml",
-                  "flaxclf_bucketed": "configs/default.yaml", "flaxclf_bf16": "configs/cpu-bf16.yaml"}
-FLAXCLF_OVERRIDES = {"flaxclf_bucketed": ["data.packing=off"]}
+                  "flaxclf_packed": "configs/default.yaml", "flaxclf_bf16": "configs/cpu-bf16.yaml"}
+FLAXCLF_OVERRIDES = {"flaxclf_packed": ["data.packing=on"]}
 
 
 def _splits(cfg):
@@ -177,8 +177,8 @@ def ratios(r: dict) -> dict:
     """Wall-time, accuracy and memory ratios of each flaxclf run against its reference."""
     out = {}
     pairs = [("flaxclf", "torch_grouped"), ("flaxclf_bf16", "torch_grouped_bf16"), ("flaxclf", "torch"),
-             ("flaxclf_second", "torch_grouped"), ("flaxclf_bucketed", "torch_grouped"),
-             ("flaxclf", "flaxclf_bucketed")]
+             ("flaxclf_second", "torch_grouped"), ("flaxclf_packed", "torch_grouped"),
+             ("flaxclf", "flaxclf_packed")]
     for f, t in pairs:
         if f in r and t in r:
             out[f"{f}/{t}"] = {"wall": round(r[f]["wall_s"] / r[t]["wall_s"], 3),
