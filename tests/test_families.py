@@ -20,7 +20,7 @@ from flaxclf.models.interface import EncoderSpec
 from flaxclf.models.registry import family_of
 from flaxclf.options import SINGLE
 from flaxclf.training import losses
-from tests.helpers import f32_bound
+from tests.helpers import f32_bound, query_of
 from tests.torch_ref import needs_hf_flax, needs_torch, save_pretrained_bin
 
 pytestmark = pytest.mark.hf
@@ -87,12 +87,6 @@ def _layers(case: str) -> int:
 
 def _max_abs(x) -> float:
     return float(np.max(np.abs(np.asarray(x, np.float64)), initial=0.0))
-
-
-def _query_of(name: str) -> str:
-    """A key bias's exact gradient is 0 (softmax ignores a constant added to every score): what both sides return
-    is the rounding of terms at its query bias's gradient's scale, which cancel. Other tensors are their own."""
-    return name.replace("key.bias", "query.bias").replace("k_lin.bias", "q_lin.bias")
 
 
 def _hf_kwargs(case: str) -> tuple[str, dict]:
@@ -222,7 +216,7 @@ def test_loss_and_every_gradient_match_pytorch(case, tmp_path):
     worst, grad_diff = 0.0, 0.0
     for name, want in want_grads.items():
         diff = _max_abs(got_grads[name] - want)
-        bound = f32_bound(2 * depth + 1, WIDTH, max(_max_abs(want), _max_abs(want_grads[_query_of(name)])))
+        bound = f32_bound(2 * depth + 1, WIDTH, max(_max_abs(want), _max_abs(want_grads[query_of(name)])))
         assert diff <= bound, (name, diff, bound)
         worst, grad_diff = max(worst, diff / bound), max(grad_diff, diff)
     print(f"\n{case}: loss diff {loss_diff:.2g} (bound {loss_bound:.2g}); gradients max diff {grad_diff:.2g}, "
@@ -408,8 +402,8 @@ def test_another_model_type_is_refused_naming_those_that_load(tmp_path):
     import json
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32}))
-    with pytest.raises(WeightsError, match=r"is a 'gpt2' model; flaxclf loads albert, bert, camembert, deberta-v2, distilbert, "
-                                           r"electra, modernbert, roberta, xlm-roberta"):
+    with pytest.raises(WeightsError, match=r"is a 'gpt2' model; flaxclf loads albert, bert, camembert, deberta-v2, "
+                                           r"distilbert, electra, modernbert, roberta, xlm-roberta"):
         from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "albert", "inner_group_num": 2}))
     with pytest.raises(WeightsError, match="inner_group_num=2 is not supported"):
