@@ -122,6 +122,45 @@ def _build_tiny_modernbert(folder: pathlib.Path, minilm_dir: pathlib.Path) -> No
 
 
 @pytest.fixture(scope="session")
+def tiny_deberta_dir(tmp_path_factory) -> pathlib.Path:
+    """A tiny random DeBERTa-v3 (2 layers, width 32, 16 log buckets a side up to 64, shared keys, 512 positions)
+    saved as its masked-LM checkpoint is: deberta.* and lm_predictions.*, the position table v3 never reads, and a
+    tokenizer that is spm.model alone (a SentencePiece model trained on the Rotten Tomatoes texts): the DeBERTa
+    family through the whole job."""
+    return shared(tmp_path_factory, "tiny-deberta", _build_tiny_deberta)
+
+
+def _build_tiny_deberta(folder: pathlib.Path) -> None:
+    import jax
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from flaxclf.hf.weights import to_pt_state
+    from flaxclf.models.classifier import ClassifierConfig, init_params, make_classifier
+    from flaxclf.models.deberta import DebertaV2Spec
+    from flaxclf.models.registry import FAMILIES
+    from tests.helpers import rt_texts, train_sentencepiece
+
+    vocab = 400
+    train_sentencepiece(folder, rt_texts(), vocab)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False, "vocab_type": "spm"}))
+    spec = DebertaV2Spec(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=48, relative_attention=True, pos_att_type=("p2c", "c2p"),
+                         position_buckets=16, max_relative_positions=64, share_att_key=True,
+                         norm_rel_ebd="layer_norm", position_biased_input=False)
+    config = ClassifierConfig(backbone=spec, num_labels=2)
+    state = to_pt_state(init_params(make_classifier(config), jax.random.PRNGKey(0)), FAMILIES["deberta-v2"])
+    state = {k: v for k, v in state.items() if k.startswith("deberta.")}
+    rng = np.random.default_rng(0)
+    state["deberta.embeddings.position_embeddings.weight"] = rng.normal(0, 0.02, (512, 32)).astype(np.float32)
+    state["lm_predictions.lm_head.dense.weight"] = rng.normal(0, 0.02, (32, 32)).astype(np.float32)
+    state["lm_predictions.lm_head.bias"] = np.zeros(vocab, np.float32)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    hf = {k: v for k, v in config.to_hf().items() if k not in ("num_labels", "id2label", "label2id")}
+    (folder / "config.json").write_text(json.dumps({**hf, "architectures": ["DebertaV2ForMaskedLM"]}))
+
+
+@pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, tiny_model_dir) -> pathlib.Path:
     """The session's one tiny finished run (helpers.TINY_RUN_ARGS), trained once by whichever worker asks first:
     the CLI tests, the bad-input cases and the journeys that read a finished run all read this one. Its best

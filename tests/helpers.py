@@ -175,10 +175,20 @@ def f32_bound(depth: int, n: int, scale: float = 1.0) -> float:
 ADAMW_OPS = 17
 
 
+# A key bias and the query bias whose gradient sets its scale (BERT-like, DistilBERT, DeBERTa's content and c2p keys).
+_KEY_BIASES = (("key", "query"), ("k_lin", "q_lin"), ("key_proj", "query_proj"), ("pos_key_proj", "query_proj"))
+
+
 def query_of(path: str) -> str:
-    """A key bias's exact gradient is 0 (softmax ignores a constant added to every score): what two runs get is the
-    rounding of terms at its query bias's gradient's scale, which cancel. Other paths are their own."""
-    return path.replace("key/bias", "query/bias").replace("k_lin/bias", "q_lin/bias")
+    """A key bias's exact gradient is 0 (softmax ignores a constant added to every score of a query): what two runs
+    get is the rounding of terms at its query bias's gradient's scale, which cancel. Its bound is at that scale (or
+    its own, if larger: DeBERTa's key_proj bias also reaches p2c's scores, k_j . Qr, which vary with j). `path`
+    separates names with "/" or "."; other paths are their own."""
+    for sep in "/.":
+        for key, query in _KEY_BIASES:
+            if path == f"{key}{sep}bias" or path.endswith(f"{sep}{key}{sep}bias"):
+                return path[:-len(f"{key}{sep}bias")] + f"{query}{sep}bias"
+    return path
 
 
 def adamw_param_bound(path: str, ref: np.ndarray, nus: list[dict[str, np.ndarray]], grad_depth: int, tokens: int,
@@ -215,3 +225,26 @@ def random_batches(n: int, size: int, length: int, num_labels: int, vocab: int =
         out.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
                     "labels": rng.randint(0, num_labels, size).astype(np.int32), "weight": weight})
     return out
+
+
+def rt_texts() -> list[str]:
+    """The Rotten Tomatoes snippets of the main job's data set (the vaderSentiment archive), as plain texts."""
+    from flaxclf.assets import rt_snippets_file
+
+    with open(rt_snippets_file(), encoding="latin-1") as f:
+        return [line.rstrip("\n").split("\t")[-1] for line in f if line.strip()]
+
+
+def train_sentencepiece(folder: Path, texts: list[str], vocab_size: int) -> Path:
+    """A SentencePiece unigram model trained offline on `texts`, laid out as DeBERTa-v3's spm.model ([PAD] 0,
+    [CLS] 1, [SEP] 2, [UNK] 3, [MASK] 4); single-threaded, so the same texts give the same model. Returns its
+    path."""
+    import sentencepiece
+
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=str(folder / "spm"), vocab_size=vocab_size,
+        model_type="unigram", pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece="[PAD]", bos_piece="[CLS]",
+        eos_piece="[SEP]", unk_piece="[UNK]", user_defined_symbols=["[MASK]"], character_coverage=1.0,
+        num_threads=1, minloglevel=2)
+    (folder / "spm.vocab").unlink()
+    return folder / "spm.model"

@@ -20,7 +20,7 @@ from flaxclf.models.interface import EncoderSpec
 from flaxclf.models.registry import family_of
 from flaxclf.options import SINGLE
 from flaxclf.training import losses
-from tests.helpers import f32_bound
+from tests.helpers import f32_bound, query_of
 from tests.torch_ref import needs_hf_flax, needs_torch, save_pretrained_bin
 
 pytestmark = pytest.mark.hf
@@ -42,8 +42,26 @@ CONFIGS = {
     # Layers 0 and 2 global, 1 and 3 local with a window of 4 on each side (tests/test_modernbert.py: the rest).
     "modernbert": dict(vocab_size=120, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
                        global_attn_every_n_layers=2, local_attention=8, max_position_embeddings=64, pad_token_id=0),
+    # v3's settings: relative attention only, c2p and p2c with shared keys over 8 log buckets a side (distances
+    # from 4 on share buckets up to 16), LayerNorm'd relative embeddings, no token types, no absolute positions.
+    "deberta-v2": dict(_BASE, relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=8,
+                       max_relative_positions=16, share_att_key=True, norm_rel_ebd="layer_norm", type_vocab_size=0,
+                       position_biased_input=False, hidden_act="gelu", layer_norm_eps=1e-7),
 }
-CASES = [*CONFIGS, "albert-2-groups"]
+# Variants of a family's config: (model_type, its kwargs).
+VARIANTS = {
+    "albert-2-groups": ("albert", dict(CONFIGS["albert"], num_hidden_layers=4, num_hidden_groups=2)),
+    # v2's: separate pos_key_proj and pos_query_proj, distances clamped at 6 without buckets, absolute positions
+    # and token types, a factorized embedding with its projection, the old "c2p|p2c" spelling.
+    "deberta-v2-unshared": ("deberta-v2", dict(_BASE, relative_attention=True, pos_att_type="c2p|p2c",
+                                               max_relative_positions=6, type_vocab_size=2, embedding_size=16,
+                                               pooler_hidden_act="tanh", hidden_dropout_prob=0.1,
+                                               attention_probs_dropout_prob=0.1)),
+    # c2p alone, and a scale of sqrt(2 * head_dim).
+    "deberta-v2-c2p": ("deberta-v2", dict(_BASE, relative_attention=True, pos_att_type=["c2p"], position_buckets=4,
+                                          max_relative_positions=64, position_biased_input=False)),
+}
+CASES = [*CONFIGS, *VARIANTS]
 BERT_LIKE = [t for t in CONFIGS if t in bert.families.MODEL_TYPES]  # the tests of what the BERT encoder does
 
 # ---------------------------------------------------------------------------------------------- float32 bounds
@@ -71,16 +89,8 @@ def _max_abs(x) -> float:
     return float(np.max(np.abs(np.asarray(x, np.float64)), initial=0.0))
 
 
-def _query_of(name: str) -> str:
-    """A key bias's exact gradient is 0 (softmax ignores a constant added to every score): what both sides return
-    is the rounding of terms at its query bias's gradient's scale, which cancel. Other tensors are their own."""
-    return name.replace("key.bias", "query.bias").replace("k_lin.bias", "q_lin.bias")
-
-
 def _hf_kwargs(case: str) -> tuple[str, dict]:
-    if case == "albert-2-groups":  # 4 positions over 2 weight sets
-        return "albert", dict(CONFIGS["albert"], num_hidden_layers=4, num_hidden_groups=2)
-    return case, CONFIGS[case]
+    return VARIANTS[case] if case in VARIANTS else (case, CONFIGS[case])
 
 
 def _batch(spec: EncoderSpec, b: int = 4, length: int = 12, seed: int = 0) -> dict[str, np.ndarray]:
@@ -206,7 +216,7 @@ def test_loss_and_every_gradient_match_pytorch(case, tmp_path):
     worst, grad_diff = 0.0, 0.0
     for name, want in want_grads.items():
         diff = _max_abs(got_grads[name] - want)
-        bound = f32_bound(2 * depth + 1, WIDTH, max(_max_abs(want), _max_abs(want_grads[_query_of(name)])))
+        bound = f32_bound(2 * depth + 1, WIDTH, max(_max_abs(want), _max_abs(want_grads[query_of(name)])))
         assert diff <= bound, (name, diff, bound)
         worst, grad_diff = max(worst, diff / bound), max(grad_diff, diff)
     print(f"\n{case}: loss diff {loss_diff:.2g} (bound {loss_bound:.2g}); gradients max diff {grad_diff:.2g}, "
@@ -392,8 +402,8 @@ def test_another_model_type_is_refused_naming_those_that_load(tmp_path):
     import json
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 32}))
-    with pytest.raises(WeightsError, match=r"is a 'gpt2' model; flaxclf loads albert, bert, camembert, distilbert, "
-                                           r"electra, modernbert, roberta, xlm-roberta"):
+    with pytest.raises(WeightsError, match=r"is a 'gpt2' model; flaxclf loads albert, bert, camembert, deberta-v2, "
+                                           r"distilbert, electra, modernbert, roberta, xlm-roberta"):
         from_pretrained(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "albert", "inner_group_num": 2}))
     with pytest.raises(WeightsError, match="inner_group_num=2 is not supported"):

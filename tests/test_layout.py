@@ -34,7 +34,7 @@ LAYERS = (
 MODELS_LAYERS = (
     "flaxclf.models.classifier",
     "flaxclf.models.registry",
-    {"flaxclf.models.bert", "flaxclf.models.modernbert"},
+    {"flaxclf.models.bert", "flaxclf.models.deberta", "flaxclf.models.modernbert"},
     "flaxclf.models.interface",
     "flaxclf.models.family",
 )

@@ -302,3 +302,27 @@ def test_modernbert_sharded_step_equals_single_device(remat):
     assert _max_diff(jax.device_get(ref_state.params), host) > 1e-3
     assert specs["params/params/model/layers/1/attn/Wqkv/kernel"][0] == jax.sharding.PartitionSpec("fsdp", "tensor")
     assert specs["params/params/model/layers/1/mlp/Wo/kernel"][0] == jax.sharding.PartitionSpec("tensor", "fsdp")
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_deberta_sharded_step_equals_single_device(remat):
+    """DeBERTa-v2 (c2p and p2c with their own projections, 4 log buckets a side up to 8, absolute positions and
+    token types, every dropout on: the relative table's and the pooler's too) on a (2, 2, 2) mesh: three steps
+    give the single-device losses and parameters, with remat and without; the relative projections split on
+    "tensor" as the query's does."""
+    from flaxclf.models.classifier import ClassifierConfig, init_params, make_classifier
+    from flaxclf.models.deberta import DebertaV2Spec
+
+    spec = DebertaV2Spec(**{**_FAMILY_SHAPE, "max_position_embeddings": 64}, relative_attention=True,
+                         pos_att_type=("c2p", "p2c"), position_buckets=4, max_relative_positions=8,
+                         type_vocab_size=2, pooler_dropout=0.1)
+    model = make_classifier(ClassifierConfig(backbone=spec, num_labels=NUM_LABELS, problem_type=SINGLE,
+                                             classifier_dropout=0.1), remat=remat)
+    host = jax.device_get(init_params(model, jax.random.PRNGKey(SEED)))
+    ref_losses, ref_state, _, nus = _train(model, host, _mesh((1, 1, 1)), _batches(3, 16))
+    losses, state, specs, _ = _train(model, host, _mesh((2, 2, 2)), _batches(3, 16))
+    _assert_same_run(f"deberta remat={remat}", spec.num_hidden_layers, 16 * LENGTH,
+                     (ref_losses, ref_state.params, nus), losses, state.params)
+    assert _max_diff(jax.device_get(ref_state.params), host) > 1e-3
+    layer = "params/params/deberta/encoder/layer/1/attention/self"
+    assert specs[f"{layer}/pos_key_proj/kernel"][0] == jax.sharding.PartitionSpec("fsdp", "tensor")

@@ -9,6 +9,7 @@ split also keeps each text's untruncated length, for the report of how many text
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import itertools
 import json
 import os
@@ -23,7 +24,11 @@ from flaxclf.data.long_text import LongText
 from flaxclf.data.types import DataError
 from flaxclf.runtime.outputs import apply_umask
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+# A SentencePiece model alone (DeBERTa-v3's spm.model, ALBERT's spiece.model, XLM-R's sentencepiece.bpe.model) is
+# converted to a fast tokenizer by transformers, which needs the sentencepiece and protobuf packages for it.
+SENTENCEPIECE_FILES = ("spm.model", "spiece.model", "sentencepiece.bpe.model")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+                    *SENTENCEPIECE_FILES)
 _CACHE_VERSION = "2"
 _ARRAYS = ("input_ids", "token_type_ids", "offsets", "full_lengths", "doc")
 # BertTokenizerFast's arguments (with its defaults) and the normalizer fields it rebuilds them into.
@@ -32,10 +37,25 @@ _BERT_NORMALIZER = {"do_lower_case": ("lowercase", True), "strip_accents": ("str
 
 
 def require_tokenizer(model_dir: Path) -> None:
-    """Refuses a model folder saved without its tokenizer (cheap: no file is parsed)."""
-    if not any((model_dir / n).is_file() for n in ("tokenizer.json", "vocab.txt")):
-        raise DataError(f"model folder {model_dir} has no tokenizer.json or vocab.txt; save the tokenizer "
-                        f"with the model (tokenizer.save_pretrained)")
+    """Refuses a model folder saved without its tokenizer, or with a SentencePiece model alone where this
+    environment can't convert it (cheap: no file is parsed)."""
+    if any((model_dir / n).is_file() for n in ("tokenizer.json", "vocab.txt")):
+        return
+    spm = [n for n in SENTENCEPIECE_FILES if (model_dir / n).is_file()]
+    if not spm:
+        raise DataError(f"model folder {model_dir} has no tokenizer.json, vocab.txt or SentencePiece model; save "
+                        f"the tokenizer with the model (tokenizer.save_pretrained)")
+    if not (_importable("sentencepiece") and _importable("google.protobuf")):
+        raise DataError(f"model folder {model_dir} has only {spm[0]} (a SentencePiece model), and converting it to "
+                        f"a fast tokenizer needs pip install sentencepiece protobuf; or save tokenizer.json with "
+                        f"the model (tokenizer.save_pretrained where those are installed)")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package (google) is missing
+        return False
 
 
 def load_tokenizer(model_dir: Path, max_length: int):

@@ -26,9 +26,9 @@ log = logging.getLogger("flaxclf")
 
 Path_ = tuple[str, ...]
 # Every file of a slow or fast tokenizer of the supported families (BERT/ELECTRA/DistilBERT vocab.txt, RoBERTa
-# vocab.json + merges.txt, ALBERT spiece.model, XLM-R/CamemBERT sentencepiece.bpe.model).
-TOKENIZER_FILES = ("vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.json",
-                   "tokenizer_config.json", "special_tokens_map.json")
+# vocab.json + merges.txt, ALBERT spiece.model, XLM-R/CamemBERT sentencepiece.bpe.model, DeBERTa-v3 spm.model).
+TOKENIZER_FILES = ("vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "spm.model",
+                   "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 EXPORT_FILES = frozenset({"config.json", "model.safetensors", *TOKENIZER_FILES})  # all an export may write
 HEAD = ("classifier",)
 POOLER = ("pooler",)
@@ -210,8 +210,9 @@ def classifier_config(folder: str | Path, impl: str = "fast", **overrides: Any) 
 def load_params(model: Classifier, folder: str | Path, rng: jax.Array) -> dict:
     """The checkpoint in `folder` merged strictly onto `model`'s parameter tree, as host numpy arrays."""
     family = model.config.backbone.family
-    loaded = read_checkpoint(Path(folder), family)
     expected = flatten_dict(jax.eval_shape(model.init, rng, **dummy_inputs())["params"])
+    loaded = {p: a for p, a in read_checkpoint(Path(folder), family).items()
+              if p in expected or not family.is_unused(".".join(p))}
     allowed = new_allowed(family)
     fresh = _init_head(expected, allowed, model.config.backbone.initializer_range, jax.random.fold_in(rng, 1))
     merged = merge(expected, loaded, fresh, pooling_uses_pooler=model.config.pooling == HF_POOLING,

@@ -52,6 +52,9 @@ class Family:
     # heads (pretraining, language modelling) that a classifier ignores.
     names: tuple[tuple[str, str], ...] = ()
     ignored: tuple[str, ...] = ()
+    # Canonical module prefixes a checkpoint may carry that a model of the family may not read (DeBERTa-v3's
+    # unused position table): dropped on load where the model has no such weight, refused nowhere.
+    unused_weights: tuple[str, ...] = ()
     # The encoder that computes it: the name of its folder under flaxclf.models.
     encoder: str = "bert"
     impls: tuple[str, ...] = ("fast",)  # model.impl values that compute it ("hf": transformers' FlaxBertModule)
@@ -97,6 +100,10 @@ class Family:
         names = (hf_name, f"{self.prefix}.{hf_name}")
         return (hf_name.endswith(("position_ids", "token_type_ids"))
                 or any(n.startswith(p) for n in names for p in self.ignored))
+
+    def is_unused(self, canonical: str) -> bool:
+        """Whether a canonical name is a weight the family's checkpoints may carry and its model may not read."""
+        return canonical.startswith(self.unused_weights) if self.unused_weights else False
 
     def hf_module(self, canonical: str) -> str:
         """A canonical module's name in the family's PyTorch class, without the base model's prefix."""

@@ -6,13 +6,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flaxclf.models import bert, modernbert
+from flaxclf.models import bert, deberta, modernbert
 from flaxclf.models.family import Family
 from flaxclf.models.interface import Encoder, EncoderSpec
 
 ENCODERS: dict[str, Encoder] = {e.name: e for e in (
     bert.ENCODER,
     modernbert.ENCODER,
+    deberta.ENCODER,
 )}
 
 FAMILIES: dict[str, Family] = {f.name: f for e in ENCODERS.values() for f in e.families}
