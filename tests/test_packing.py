@@ -240,9 +240,9 @@ def test_packing_with_transformers_flax_backbone_is_refused_in_one_line():
                                           r"set data.packing=off$") as e:
         if hf_flax_problem() is not None:  # transformers 5: impl=hf itself is refused first, as test_model checks
             pytest.skip(hf_flax_problem())
-        load_config(None, ["model.impl=hf"])
+        load_config(None, ["model.impl=hf", "data.packing=on"])
     assert "\n" not in str(e.value)
-    assert load_config(None, ["model.impl=hf", "data.packing=off"]).data.packing == "off"
+    assert load_config(None, ["model.impl=hf"]).data.packing == "off"  # the default
 
 
 
@@ -252,6 +252,7 @@ def test_a_resume_with_packing_changed_is_refused_and_older_checkpoints_count_as
 
     before_packing = RunConfig().to_dict()
     del before_packing["data"]["packing"], before_packing["data"]["packing_shapes"]
-    assert resume_changes(before_packing, RunConfig()) == ["data.packing: off -> on"]
-    assert resume_changes(before_packing, load_config(None, ["data.packing=off"])) == []
-    assert resume_changes(RunConfig().to_dict(), load_config(None, ["data.packing_shapes=1"])) == []
+    assert resume_changes(before_packing, load_config(None, ["data.packing=on"])) == ["data.packing: off -> on"]
+    assert resume_changes(before_packing, RunConfig()) == []  # off, the default
+    packed = load_config(None, ["data.packing=on"])
+    assert resume_changes(packed.to_dict(), load_config(None, ["data.packing=on", "data.packing_shapes=1"])) == []
