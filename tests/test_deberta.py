@@ -239,16 +239,22 @@ def spm_folder(tmp_path_factory):
     return folder
 
 
-def test_a_sentencepiece_only_folder_tokenizes_as_sentencepiece_does(spm_folder):
-    """spm.model alone: transformers converts it to a fast tokenizer, whose ids are SentencePiece's own (the
-    pieces, between [CLS] and [SEP]) for every Rotten Tomatoes text and odd ones; truncation keeps [SEP]."""
+def test_a_sentencepiece_only_folder_tokenizes_as_transformers_and_sentencepiece_do(spm_folder):
+    """spm.model alone: flaxclf's ids are those of transformers' own tokenizer of the folder (its fast-tokenizer
+    converter) for every Rotten Tomatoes text and odd ones, and, under transformers 4.x, SentencePiece's own (the
+    pieces, between [CLS] and [SEP]). transformers 5.x's converter differs from SentencePiece on one RT text (a
+    word SentencePiece splits into three pieces comes out as one [UNK]): measured in CI, 2026-12-06. Truncation
+    keeps [SEP]."""
     import sentencepiece
 
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_folder / "spm.model"))
     tok = tokens.load_tokenizer(spm_folder, max_length=512)
     texts = [*rt_texts(), "", "  odd   spacing,\tTAB and ÉLAN naïve 123 — dash", "日本語 emoji 🎬"]
     got = [e.ids for e in tok.encode_batch(texts)]
-    assert got == [[1, *sp.encode(t), 2] for t in texts]
+    theirs = transformers.AutoTokenizer.from_pretrained(str(spm_folder))
+    assert got == [theirs(t)["input_ids"] for t in texts]
+    if int(transformers.__version__.split(".")[0]) < 5:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_folder / "spm.model"))
+        assert got == [[1, *sp.encode(t), 2] for t in texts]
     short = tokens.load_tokenizer(spm_folder, max_length=8).encode(texts[0]).ids
     assert len(short) == 8 and short[0] == 1 and short[-1] == 2
 
