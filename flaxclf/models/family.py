@@ -103,7 +103,7 @@ class Family:
 
     def is_unused(self, canonical: str) -> bool:
         """Whether a canonical name is a weight the family's checkpoints may carry and its model may not read."""
-        return canonical.startswith(self.unused_weights) if self.unused_weights else False
+        return canonical.startswith(self.unused_weights)  # False for none
 
     def hf_module(self, canonical: str) -> str:
         """A canonical module's name in the family's PyTorch class, without the base model's prefix."""

@@ -109,7 +109,7 @@ class _SelfAttention(nn.Module):
                 self.pos_query_proj = Dense(d, d, _normal(s), dtype=self.dtype)
         self.pos_dropout = nn.Dropout(s.hidden_dropout_prob)
 
-    def __call__(self, x_BxLxD, bias_Bx1xLxL, rel_2kxD, deterministic: bool = True):
+    def __call__(self, x_BxLxD, bias_Bx1xQxL, rel_2kxD, deterministic: bool = True):
         s, dt = self.spec, self.dtype
         b, n, d = x_BxLxD.shape
         h, dh = s.num_attention_heads, s.head_dim
@@ -132,7 +132,7 @@ class _SelfAttention(nn.Module):
             if "p2c" in s.pos_att_type:  # k_j . Qr[d(i - j)]: row j, column i, then transposed
                 qr = by_distance(self.query_proj if s.share_att_key else self.pos_query_proj, idx)
                 scores = scores + jnp.swapaxes(_skew(mm(k, jnp.swapaxes(qr, -1, -2), dt)), -1, -2)
-        scores = scores * (dh * s.scale_factor) ** -0.5 + bias_Bx1xLxL
+        scores = scores * (dh * s.scale_factor) ** -0.5 + bias_Bx1xQxL
         # softmax(s) @ v as (exp(s - max) @ v) / sum, as flaxclf.models.bert.encoder does: XLA:CPU fuses the
         # exponential (and the dropout mask) into the second matmul.
         e = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
@@ -262,6 +262,7 @@ class DebertaV2Model(nn.Module):
             jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
         x = self.embeddings(input_ids, token_type_ids, position_ids, attention_mask > 0, deterministic)
         allowed = same_segment(attention_mask[:, None, :, None], attention_mask[:, None, None, :], packed)
-        bias_Bx1xLxL = jnp.where(allowed, 0.0, NEG)
-        states = self.encoder(x, bias_Bx1xLxL, deterministic)
+        # [B, 1, 1, L] (one row of keys for every query), or [B, 1, L, L] for a packed row's segments.
+        bias_Bx1xQxL = jnp.where(allowed, 0.0, NEG)
+        states = self.encoder(x, bias_Bx1xQxL, deterministic)
         return states[-1], tuple(states)
