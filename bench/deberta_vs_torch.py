@@ -29,13 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import step_timing  # noqa: E402
+
 SYSTEMS = ("flaxclf", "torch", "flaxclf_bert")
 NUM_LABELS = 2
 SHAPE = dict(vocab_size=128100, hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
@@ -47,56 +46,15 @@ DEBERTA_V3 = dict(SHAPE, model_type="deberta-v2", relative_attention=True, pos_a
 BERT = dict(SHAPE, model_type="bert", type_vocab_size=2)
 
 
-def _batch(rows: int, length: int, vocab: int):
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    ids = rng.integers(5, vocab, (rows, length)).astype(np.int32)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
-            "labels": rng.integers(0, NUM_LABELS, rows).astype(np.int32), "weight": np.ones(rows, np.float32)}
-
-
 def flaxclf_calls(system: str, what: str, rows: int, length: int):
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from flaxclf.config import MeshConfig, OptimConfig
-    from flaxclf.models.classifier import ClassifierConfig, init_params, make_classifier
+    from flaxclf.models.classifier import ClassifierConfig, make_classifier
     from flaxclf.models.registry import encoder_of
     from flaxclf.options import SINGLE
-    from flaxclf.runtime import hostmem, sharding
-    from flaxclf.training import steps
-    from flaxclf.training.optim import make_optimizer
 
-    hostmem.keep_freed_memory()  # as the flaxclf command runs
     hf = DEBERTA_V3 if system == "flaxclf" else BERT
     config = ClassifierConfig.from_hf({**hf, "num_labels": NUM_LABELS}).replace(problem_type=SINGLE)
-    model = make_classifier(config)
-    params = jax.device_get(init_params(model, jax.random.PRNGKey(0)))
-    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    tx = make_optimizer(OptimConfig(learning_rate=5e-5, weight_decay=0.01, max_grad_norm=1.0), 10_000,
-                        encoder_of(config.backbone).decays)
-    shardings = steps.state_shardings(steps.abstract_state(model, tx, jnp.float32), mesh, model)
-    train, evaluate = steps.compile_steps(model, tx, SINGLE, 1, mesh, shardings)
-    b = jax.device_put({k: jnp.asarray(v) for k, v in _batch(rows, length, SHAPE["vocab_size"]).items()},
-                       sharding.batch_sharding(mesh))
-    if what == "train":
-        holder = {"state": steps.create_state(params, tx, shardings, seed=0)}
-        del params
-        temp = train.lower(holder["state"], b).compile().memory_analysis().temp_size_in_bytes
-
-        def call():
-            holder["state"], m = train(holder["state"], b)
-            jax.block_until_ready(m["loss"])
-    else:
-        placed = steps.place(params, shardings.params)
-        del params
-        temp = evaluate.lower(placed, b).compile().memory_analysis().temp_size_in_bytes
-
-        def call():
-            np.asarray(evaluate(placed, b))
-    hostmem.cap_heap_at_working_set(temp)  # as the flaxclf command caps it by default
+    b = step_timing.batch(rows, length, SHAPE["vocab_size"], NUM_LABELS)
+    call, temp = step_timing.flaxclf_call(make_classifier(config), what, b, encoder_of(config.backbone).decays)
     return call, {"xla_temp_gb": round(temp / 1e9, 3)}
 
 
@@ -104,65 +62,29 @@ def torch_calls(what: str, rows: int, length: int):
     import torch
     import transformers
 
-    from flaxclf.runtime import hostmem
+    def build():
+        kwargs = {k: v for k, v in DEBERTA_V3.items() if k != "model_type"}
+        return transformers.DebertaV2ForSequenceClassification(
+            transformers.DebertaV2Config(**kwargs, num_labels=NUM_LABELS))
 
-    hostmem.keep_freed_memory()
-    torch.manual_seed(0)
-    kwargs = {k: v for k, v in DEBERTA_V3.items() if k != "model_type"}
-    cfg = transformers.DebertaV2Config(**kwargs, num_labels=NUM_LABELS)
-    model = transformers.DebertaV2ForSequenceClassification(cfg)
-    b = {k: torch.tensor(v).long() for k, v in _batch(rows, length, cfg.vocab_size).items()
-         if k in ("input_ids", "attention_mask", "labels")}
-    info = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads()}
-    if what == "train":
-        model.train()
-        no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
-        decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                                lr=5e-5, eps=1e-8)
-
-        def call():
-            opt.zero_grad(set_to_none=True)
-            model(**b).loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-    else:
-        model.eval()
-        inputs = {k: v for k, v in b.items() if k != "labels"}
-
-        def call():
-            with torch.inference_mode():
-                model(**inputs).logits.numpy()
-    return call, info
+    b = step_timing.batch(rows, length, SHAPE["vocab_size"], NUM_LABELS)
+    _, call = step_timing.torch_call(build, what, b, lambda n: n.endswith("bias") or "LayerNorm" in n)
+    return call, {"torch": torch.__version__, "transformers": transformers.__version__,
+                  "threads": torch.get_num_threads()}
 
 
 def child(system: str, what: str, rows: int, length: int, reps: int) -> None:
-    start = time.perf_counter()
-    call, info = torch_calls(what, rows, length) if system == "torch" else flaxclf_calls(system, what, rows, length)
-    call()  # warm-up (flaxclf: compiles)
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    median = times[len(times) // 2]
-    print(json.dumps({"median_s": round(median, 3), "examples_per_s": round(rows / median, 3),
-                      "setup_and_first_call_s": round(first, 1), **info}))
+    def make():
+        return torch_calls(what, rows, length) if system == "torch" else flaxclf_calls(system, what, rows, length)
+    median, info = step_timing.timed(make, reps)
+    print(json.dumps({**info, "examples_per_s": round(rows / median, 3)}))
 
 
 def run(system: str, what: str, rows: int, length: int, reps: int) -> dict:
     cmd = [sys.executable, __file__, "--only", f"{system},{what},{rows},{length}", "--reps", str(reps)]
-    with tempfile.TemporaryFile("w+") as errors:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True, cwd=ROOT)
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        errors.seek(0)
-        err = errors.read()
-    result = {"system": system, "what": what, "shape": f"{rows}x{length}",
-              "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2)}
-    if os.waitstatus_to_exitcode(status) != 0:
+    out, err, code, rss = step_timing.run_process(cmd)
+    result = {"system": system, "what": what, "shape": f"{rows}x{length}", "peak_rss_gb": rss}
+    if code != 0:
         result["failed"] = (err.strip().splitlines() or ["?"])[-1][:300]
         return result
     result.update(json.loads(out.strip().splitlines()[-1]))

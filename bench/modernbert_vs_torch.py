@@ -31,13 +31,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import step_timing  # noqa: E402
+
 SYSTEMS = ("flaxclf", "torch")
 NUM_LABELS = 2
 
@@ -46,57 +45,16 @@ def _config() -> dict:
     return dict(max_position_embeddings=8192, pad_token_id=0)  # ModernBertConfig's defaults for the rest
 
 
-def _batch(rows: int, length: int, vocab: int):
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    ids = rng.integers(5, vocab, (rows, length)).astype(np.int32)
-    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids),
-            "labels": rng.integers(0, NUM_LABELS, rows).astype(np.int32), "weight": np.ones(rows, np.float32)}
-
-
 def flaxclf_calls(what: str, rows: int, length: int, remat: bool):
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from flaxclf.config import MeshConfig, OptimConfig
-    from flaxclf.models.classifier import ClassifierConfig, init_params, make_classifier
+    from flaxclf.models.classifier import ClassifierConfig, make_classifier
     from flaxclf.models.modernbert import ModernBertSpec
     from flaxclf.models.modernbert.family import decays as modernbert_decays
     from flaxclf.options import SINGLE
-    from flaxclf.runtime import hostmem, sharding
-    from flaxclf.training import steps
-    from flaxclf.training.optim import make_optimizer
 
-    hostmem.keep_freed_memory()  # as the flaxclf command runs
     spec = ModernBertSpec(**_config())
     model = make_classifier(ClassifierConfig(backbone=spec, num_labels=NUM_LABELS, problem_type=SINGLE), remat=remat)
-    params = jax.device_get(init_params(model, jax.random.PRNGKey(0)))
-    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-    tx = make_optimizer(OptimConfig(learning_rate=5e-5, weight_decay=0.01, max_grad_norm=1.0), 10_000,
-                        modernbert_decays)
-    shardings = steps.state_shardings(steps.abstract_state(model, tx, jnp.float32), mesh, model)
-    train, evaluate = steps.compile_steps(model, tx, SINGLE, 1, mesh, shardings)
-    b = jax.device_put({k: jnp.asarray(v) for k, v in _batch(rows, length, spec.vocab_size).items()},
-                       sharding.batch_sharding(mesh))
-    if what == "train":
-        holder = {"state": steps.create_state(params, tx, shardings, seed=0)}
-        del params
-        temp = train.lower(holder["state"], b).compile().memory_analysis().temp_size_in_bytes
-
-        def call():
-            holder["state"], m = train(holder["state"], b)
-            jax.block_until_ready(m["loss"])
-    else:
-        placed = steps.place(params, shardings.params)
-        del params
-        temp = evaluate.lower(placed, b).compile().memory_analysis().temp_size_in_bytes
-
-        def call():
-            np.asarray(evaluate(placed, b))
-    # As the flaxclf command caps it by default; the cap's thread runs until the process ends.
-    hostmem.cap_heap_at_working_set(temp)
+    b = step_timing.batch(rows, length, spec.vocab_size, NUM_LABELS)
+    call, temp = step_timing.flaxclf_call(model, what, b, modernbert_decays)
     return call, {"xla_temp_gb": round(temp / 1e9, 3), "heads": spec.num_attention_heads,
                   "global_layers": sum(spec.is_global(i) for i in range(spec.num_hidden_layers))}
 
@@ -105,71 +63,35 @@ def torch_calls(what: str, rows: int, length: int, remat: bool):
     import torch
     import transformers
 
-    from flaxclf.runtime import hostmem
-
-    hostmem.keep_freed_memory()
-    torch.manual_seed(0)
-    cfg = transformers.ModernBertConfig(**_config(), num_labels=NUM_LABELS, reference_compile=False)
-    model = transformers.ModernBertForSequenceClassification(cfg)
-    b = {k: torch.tensor(v).long() for k, v in _batch(rows, length, cfg.vocab_size).items()
-         if k in ("input_ids", "attention_mask", "labels")}
-    info = {"attn_implementation": model.config._attn_implementation, "torch": torch.__version__,
-            "transformers": transformers.__version__}
-    if what == "train":
-        model.train()
-        if remat:
+    def build():
+        cfg = transformers.ModernBertConfig(**_config(), num_labels=NUM_LABELS, reference_compile=False)
+        model = transformers.ModernBertForSequenceClassification(cfg)
+        if remat and what == "train":
             model.gradient_checkpointing_enable()
-        no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "norm" in n]
-        decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "norm" in n)]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                                lr=5e-5, eps=1e-8)
+        return model
 
-        def call():
-            opt.zero_grad(set_to_none=True)
-            model(**b).loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-    else:
-        model.eval()
-        inputs = {k: v for k, v in b.items() if k != "labels"}
-
-        def call():
-            with torch.inference_mode():
-                model(**inputs).logits.numpy()
-    return call, info
+    b = step_timing.batch(rows, length, transformers.ModernBertConfig().vocab_size, NUM_LABELS)
+    model, call = step_timing.torch_call(build, what, b, lambda n: n.endswith("bias") or "norm" in n)
+    return call, {"attn_implementation": model.config._attn_implementation, "torch": torch.__version__,
+                  "transformers": transformers.__version__}
 
 
 def child(system: str, what: str, length: int, tokens: int, reps: int, remat: bool) -> None:
     rows = max(1, tokens // length)
-    start = time.perf_counter()
-    call, info = (flaxclf_calls if system == "flaxclf" else torch_calls)(what, rows, length, remat)
-    call()  # warm-up (flaxclf: compiles)
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    median = times[len(times) // 2]
-    print(json.dumps({"rows": rows, "median_s": round(median, 3), "examples_per_s": round(rows / median, 3),
-                      "tokens_per_s": round(rows * length / median, 1), "setup_and_first_call_s": round(first, 1),
-                      "remat": remat, **info}))
+
+    def make():
+        return (flaxclf_calls if system == "flaxclf" else torch_calls)(what, rows, length, remat)
+    median, info = step_timing.timed(make, reps)
+    print(json.dumps({"rows": rows, **info, "examples_per_s": round(rows / median, 3),
+                      "tokens_per_s": round(rows * length / median, 1), "remat": remat}))
 
 
 def run(system: str, what: str, length: int, a: argparse.Namespace) -> dict:
     long = length >= a.remat_from
     cmd = [sys.executable, __file__, "--only", f"{system},{what},{length},{int(long and what == 'train')}",
            "--tokens", str(a.tokens), "--reps", str(a.reps_long if long else a.reps), "--mem-gib", str(a.mem_gib)]
-    with tempfile.TemporaryFile("w+") as errors:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True, cwd=ROOT)
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        errors.seek(0)
-        err = errors.read()
-    result = {"system": system, "what": what, "length": length,
-              "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2)}
-    code = os.waitstatus_to_exitcode(status)
+    out, err, code, rss = step_timing.run_process(cmd)
+    result = {"system": system, "what": what, "length": length, "peak_rss_gb": rss}
     if code != 0:
         oom = code < 0 or any(s in err for s in ("MemoryError", "out of memory", "RESOURCE_EXHAUSTED", "bad_alloc",
                                                    "Cannot allocate memory"))
