@@ -17,8 +17,8 @@ from flaxclf.options import CHUNK_AGGREGATIONS, FILE_FORMATS, INPUT_FORMATS, LON
 from flaxclf.runtime.hostmem import keep_freed_memory
 
 DEFAULT_TEXT = "a gripping, funny and moving film"
-_MODEL_HELP = ("a run directory (made by `flaxclf train`), a Hugging Face model folder, or a packaged model name "
-               "(minilm-l6)")
+_MODEL_HELP = ("a run directory (made by `flaxclf train`), a Hugging Face model folder, a peft LoRA adapter folder "
+               "(on its base_model_name_or_path), or a packaged model name (minilm-l6)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -160,12 +160,20 @@ def _export(args: argparse.Namespace) -> int:
         raise predict.InferenceError(f"{args.run_dir} is not a run directory (config.yaml and checkpoints/); "
                                      "pass the train.output_dir of a `flaxclf train` run")
     if (Path(args.run_dir).expanduser() / checkpoint.CHECKPOINTS).is_dir():
-        out, step = runs.export_checkpoint(args.run_dir, args.out_dir, step=args.step)
+        out, step = runs.export_checkpoint(args.run_dir, args.out_dir, step=args.step, adapter=args.adapter)
         which = f"checkpoint {step}" + (" (the best)" if args.step == "best" else "")
+    elif args.adapter:
+        raise predict.InferenceError(f"{args.run_dir} has no checkpoints/ to take the adapter from; its adapter/ "
+                                     "folder, where it trained with LoRA, is peft's already")
     else:  # a run directory that kept only its export/
         loaded = predict.load(args.run_dir, step=args.step)
         out = weights.export_hf(args.out_dir, loaded.model.config, loaded.params, loaded.model_dir)
         which = loaded.source
+    if args.adapter:
+        print(f"exported {which}'s LoRA adapter to {out}\n  PyTorch: PeftModel.from_pretrained("
+              f"AutoModelForSequenceClassification.from_pretrained(<its base_model_name_or_path>, num_labels=...), "
+              f"{str(out)!r})")
+        return 0
     print(f"exported {which} to {out}\n  PyTorch: AutoModelForSequenceClassification.from_pretrained({str(out)!r})")
     return 0
 
@@ -295,6 +303,9 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("out_dir", metavar="OUT_DIR", help="the folder to write: a new or empty one, or an earlier "
                    "flaxclf export (replaced); a folder with other files is refused")
     x.add_argument("--step", type=_step, default=None, help="a checkpoint step, 'best' or 'last' (default: last)")
+    x.add_argument("--adapter", action="store_true", help="a LoRA run (model.lora): write its adapter as peft's "
+                   "folder (adapter_config.json, adapter_model.safetensors) for PeftModel.from_pretrained, instead "
+                   "of the model with the adapter merged into its weights")
     x.set_defaults(fn=_export)
 
     i = sub.add_parser("inspect", parents=[common], help="draw the head and measure which positions feed it",

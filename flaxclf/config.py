@@ -30,6 +30,18 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    # LoRA (README, "LoRA"): null trains every weight; a rank trains low-rank adapters of that rank on `targets`
+    # and the classifier head, as peft's LoraConfig(task_type="SEQ_CLS") does, and freezes the rest.
+    rank: int | None = None
+    alpha: float = 8.0  # the adapter's output is scaled by alpha / rank (peft's lora_alpha, default 8)
+    dropout: float = 0.0  # on the adapter's input (peft's lora_dropout)
+    # Layers to adapt, by their names in the model's state dict, as peft's target_modules: a layer matches a name
+    # equal to its full name or to its end after a dot. null: the family's default (README, "LoRA").
+    targets: list[str] | None = None
+
+
+@dataclass
 class ModelConfig:
     # A packaged model name (see flaxclf.assets), a local Hugging Face folder, or a hub id.
     name: str = "minilm-l6"
@@ -47,6 +59,7 @@ class ModelConfig:
     # layout XLA runs faster, computing only position 0 in the last layer under [CLS] pooling. hf:
     # transformers' FlaxBertModule itself. Both match PyTorch's BertForSequenceClassification in fp32.
     impl: Impl = "fast"
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -367,6 +380,16 @@ def validate(cfg: RunConfig) -> None:
     _check(d.packing == "off" or cfg.model.impl == "fast",
            f"data.packing=on gives the encoder segment ids, which model.impl={cfg.model.impl} (transformers' "
            "FlaxBertModule) does not take; set data.packing=off")
+    lr = cfg.model.lora
+    _check(lr.rank is None or lr.rank >= 1,
+           f"model.lora.rank: {lr.rank} must be >= 1, or null to train every weight")
+    _check(lr.alpha > 0, f"model.lora.alpha: {lr.alpha} must be positive")
+    _check(0.0 <= lr.dropout < 1.0, f"model.lora.dropout: {lr.dropout} must be in [0, 1)")
+    _check(lr.targets is None or len(lr.targets) > 0,
+           "model.lora.targets: [] adapts nothing; name layers, or null for the family's default")
+    _check(lr.rank is None or cfg.model.impl == "fast",
+           "model.lora adapts flaxclf's own encoder; transformers' FlaxBertModule (model.impl=hf) has none of its "
+           "layers: set model.impl=fast")
     cd = cfg.model.classifier_dropout
     _check(cd is None or 0.0 <= cd < 1.0, f"model.classifier_dropout: {cd} must be in [0, 1) or null")
     sizes = [m.data, m.fsdp, m.tensor]

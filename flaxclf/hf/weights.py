@@ -19,6 +19,7 @@ from flaxclf.models.classifier import ClassifierConfig, cast_floats, dummy_input
 from flaxclf.models.family import Family
 from flaxclf.models.interface import Classifier
 from flaxclf.models.registry import FAMILIES
+from flaxclf.nn import lora
 from flaxclf.options import HF_POOLING
 from flaxclf.runtime import outputs
 
@@ -31,6 +32,7 @@ TOKENIZER_FILES = ("vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sen
                    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 EXPORT_FILES = frozenset({"config.json", "model.safetensors", *TOKENIZER_FILES})  # all an export may write
 HEAD = ("classifier",)
+WEIGHT_SUFFIXES = (".safetensors", ".msgpack", ".bin")
 POOLER = ("pooler",)
 
 
@@ -208,7 +210,13 @@ def classifier_config(folder: str | Path, impl: str = "fast", **overrides: Any) 
 
 
 def load_params(model: Classifier, folder: str | Path, rng: jax.Array) -> dict:
-    """The checkpoint in `folder` merged strictly onto `model`'s parameter tree, as host numpy arrays."""
+    """The checkpoint in `folder` merged strictly onto `model`'s parameter tree, as host numpy arrays (with a
+    fresh adapter where the model has one)."""
+    return load_base(model, folder, rng)[0]
+
+
+def load_base(model: Classifier, folder: str | Path, rng: jax.Array) -> tuple[dict, tuple[Path_, ...]]:
+    """load_params, and the head's modules that the checkpoint lacks (initialized fresh)."""
     family = model.config.backbone.family
     expected = flatten_dict(jax.eval_shape(model.init, rng, **dummy_inputs())["params"])
     loaded = {p: a for p, a in read_checkpoint(Path(folder), family).items()
@@ -217,7 +225,23 @@ def load_params(model: Classifier, folder: str | Path, rng: jax.Array) -> dict:
     fresh = _init_head(expected, allowed, model.config.backbone.initializer_range, jax.random.fold_in(rng, 1))
     merged = merge(expected, loaded, fresh, pooling_uses_pooler=model.config.pooling == HF_POOLING,
                    allowed_new=allowed)
-    return {"params": unflatten_dict({k: np.asarray(v, dtype=expected[k].dtype) for k, v in merged.items()})}
+    new = tuple(sorted({p[:-1] for p in merged if p in fresh and merged[p] is fresh[p]}))
+    variables = {"params": unflatten_dict({k: np.asarray(v, dtype=expected[k].dtype) for k, v in merged.items()})}
+    variables = lora.add(variables, model.config.lora, jax.random.fold_in(rng, 2))
+    return jax.tree.map(np.asarray, variables), new
+
+
+def checkpoint_sha256(folder: str | Path) -> str:
+    """One sha256 over a model folder's weight files (their names and bytes): what a LoRA run records of the base
+    it adapts, so that a base whose weights changed is never silently used with its adapter."""
+    import hashlib
+
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + assets.sha256_file(f).encode())
+    return h.hexdigest()
 
 
 def _init_head(expected: dict[Path_, Any], allowed: tuple[Path_, ...], initializer_range: float,

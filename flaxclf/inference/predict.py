@@ -19,7 +19,7 @@ from flaxclf.config import DataConfig, MeshConfig, RunConfig, from_dict
 from flaxclf.data import long_text, packing, tokens
 from flaxclf.data.long_text import LongText
 from flaxclf.hf import config as hf_config
-from flaxclf.hf import weights
+from flaxclf.hf import peft, weights
 from flaxclf.models.classifier import make_classifier
 from flaxclf.models.interface import Classifier
 from flaxclf.options import HF_POOLING, MULTI, REGRESSION, SINGLE
@@ -92,6 +92,14 @@ def load(source: str, *, step: str | int | None = None, pooling: str | None = No
         return _load_run(Path(source).expanduser(), step, max_length)
     if step is not None:
         raise InferenceError(f"--step needs a run directory (with config.yaml and checkpoints/); {source} is not one")
+    if peft.is_adapter(source):
+        if pooling is not None or num_labels is not None:
+            raise InferenceError(f"{source} is a LoRA adapter: its head comes from it; drop --pooling / --num-labels")
+        model, params, folder = peft.load(source)
+        tokens.require_tokenizer(folder)
+        length = min(max_length or DEFAULT_MAX_LENGTH, hf_config.max_positions(folder) or 512)
+        return Loaded(model, params, folder, str(source), length, list(DEFAULT_BUCKETS), None, [],
+                      packing=DataConfig().packing == "on")
     if Path(source).expanduser().is_dir() and not (Path(source).expanduser() / "config.json").is_file():
         raise InferenceError(f"{source} is neither a run directory (config.yaml with checkpoints/ or export/) nor a "
                              "Hugging Face model folder (config.json); pass the train.output_dir of a `flaxclf "

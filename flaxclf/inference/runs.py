@@ -13,9 +13,12 @@ from jax.experimental import multihost_utils
 
 from flaxclf import assets
 from flaxclf.config import CheckpointConfig, MeshConfig, RunConfig, from_dict
-from flaxclf.hf import weights
-from flaxclf.models.classifier import dummy_inputs, make_classifier
+from flaxclf.hf import peft, weights
+from flaxclf.models.classifier import abstract_variables, make_classifier
 from flaxclf.models.interface import Classifier
+from flaxclf.nn import lora
+from flaxclf.nn.lora import LoraSpec
+from flaxclf.options import HF_POOLING
 from flaxclf.runtime import sharding
 from flaxclf.training.checkpoint import CHECKPOINTS, Checkpointer, CheckpointError, first_line
 
@@ -63,7 +66,25 @@ def classifier_from_meta(meta: dict, cfg: RunConfig) -> tuple[Classifier, Path]:
     model_dir = assets.resolve_model(cfg.model.name)
     overrides = dict(meta["classifier"], label_names=tuple(meta["classifier"]["label_names"]))
     config = weights.classifier_config(model_dir, cfg.model.impl, **overrides)
+    if meta.get("lora"):
+        config = config.replace(lora=LoraSpec.from_json(meta["lora"]))
     return make_classifier(config, dtype=jnp.dtype(cfg.model.dtype), impl=cfg.model.impl), model_dir
+
+
+def _frozen(model: Classifier, model_dir: Path, meta: dict, shardings: Any) -> dict:
+    """A LoRA run's frozen variables, from its base model after checking that the base's weights are those the
+    run adapted; an empty dict for a run without LoRA."""
+    spec = model.config.lora
+    if spec is None:
+        return {}
+    if meta.get("base_sha256") != weights.checkpoint_sha256(model_dir):
+        raise CheckpointError(f"the weights in {model_dir} (model.name) are not those this LoRA run adapted (their "
+                              "sha256 differs from the one the run recorded); point model.name at the base it was "
+                              "trained on")
+    host = weights.load_params(model, model_dir, jax.random.PRNGKey(0))
+    from flaxclf.training.steps import place
+
+    return place(lora.split(host, spec)[1], lora.split(shardings, spec)[1])
 
 
 def load_params_for_inference(run_dir: str | Path, step: int | str | None = None,
@@ -82,11 +103,12 @@ def load_params_for_inference(run_dir: str | Path, step: int | str | None = None
             try:
                 meta = ckpt.read_meta(s)
                 model, model_dir = classifier_from_meta(meta, from_dict(meta["config"]))
-                abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), **dummy_inputs())
-                abstract = jax.tree.map(
-                    lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(cfg.model.param_dtype)), abstract)
-                rules = model.config.encoder.sharding_rules
-                params = ckpt.restore_params(s, abstract, sharding.tree_shardings(abstract, mesh, rules))
+                abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(cfg.model.param_dtype)),
+                                        abstract_variables(model))
+                shardings = sharding.tree_shardings(abstract, mesh, model.config.encoder.sharding_rules)
+                trained = lora.split(abstract, model.config.lora)[0]
+                params = ckpt.restore_params(s, trained, lora.split(shardings, model.config.lora)[0])
+                params = lora.merge(params, _frozen(model, model_dir, meta, shardings))
             except (CheckpointError, assets.AssetError, weights.WeightsError):
                 raise
             except Exception as e:
@@ -101,14 +123,27 @@ def load_params_for_inference(run_dir: str | Path, step: int | str | None = None
         ckpt.close()
 
 
-def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | str | None = None) -> tuple[Path, int]:
+def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | str | None = None,
+                      adapter: bool = False) -> tuple[Path, int]:
     """Writes a run's checkpoint (latest, 'best' or a step number) as a Hugging Face
-    BertForSequenceClassification folder (config.json, model.safetensors, tokenizer files); returns the folder
-    and the step exported."""
+    BertForSequenceClassification folder (config.json, model.safetensors, tokenizer files; a LoRA run's adapter
+    merged into its layers), or with `adapter` a LoRA run's adapter as peft's folder; returns the folder and the
+    step exported."""
     model, params, meta = load_params_for_inference(run_dir, step)
+    spec = model.config.lora
+    if adapter and spec is None:
+        raise CheckpointError(f"{run_dir} was trained without LoRA (model.lora.rank null), so it has no adapter; "
+                              "export it without --adapter")
     host = jax.tree.map(sharding.to_host, params)
     out = Path(out_dir).expanduser().absolute()
     if jax.process_index() == 0:
-        out = weights.export_hf(out, model.config, host, meta["model_dir"])
+        if adapter:
+            if model.config.pooling != HF_POOLING:
+                raise CheckpointError(f"pooling={model.config.pooling!r} has no PyTorch head for peft to load the "
+                                      "adapter onto; export needs pooling=cls_pooler")
+            base = peft.base_reference(from_dict(meta["config"]).model.name, Path(meta["model_dir"]))
+            out = peft.export_adapter(out, model.config, host, base)
+        else:
+            out = weights.export_hf(out, model.config.replace(lora=None), lora.merged(host, spec), meta["model_dir"])
     multihost_utils.sync_global_devices("flaxclf:exported")
     return out, meta["step"]

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 from flaxclf.models import registry
 from flaxclf.models.bert.spec import BertSpec
 from flaxclf.models.interface import Classifier, Encoder, EncoderSpec
+from flaxclf.nn import lora
+from flaxclf.nn.lora import LoraSpec
 from flaxclf.options import HF_POOLING, POOLINGS, PROBLEM_TYPES, REGRESSION, Pooling
 
 
@@ -25,6 +27,7 @@ class ClassifierConfig:
     problem_type: str | None = None  # None: decided from the labels, as PyTorch does
     classifier_dropout: float | None = None  # None: backbone.hidden_dropout_prob
     label_names: tuple[str, ...] = ()
+    lora: LoraSpec | None = None  # a LoRA adapter on some of the encoder's Dense layers (flaxclf.nn.lora)
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
@@ -116,9 +119,15 @@ def dummy_inputs(batch: int = 1, length: int = 8) -> dict[str, jax.Array]:
 
 
 def init_params(model: Classifier, rng: jax.Array, param_dtype: Any = jnp.float32) -> dict:
-    """Fresh parameters (HF's initializers), cast to the storage dtype."""
-    params = model.init(rng, **dummy_inputs())
-    return cast_floats(params, param_dtype)
+    """Fresh variables (HF's initializers, and a fresh adapter where the config has one), cast to the storage
+    dtype."""
+    variables = lora.add(model.init(rng, **dummy_inputs()), model.config.lora, jax.random.fold_in(rng, 2))
+    return cast_floats(variables, param_dtype)
+
+
+def abstract_variables(model: Classifier) -> dict:
+    """The shapes and dtypes of the model's variables (its adapter's included), with no memory allocated."""
+    return lora.add_abstract(jax.eval_shape(model.init, jax.random.PRNGKey(0), **dummy_inputs()), model.config.lora)
 
 
 def cast_floats(tree: Any, dtype: Any) -> Any:

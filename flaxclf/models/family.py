@@ -59,6 +59,9 @@ class Family:
     encoder: str = "bert"
     impls: tuple[str, ...] = ("fast",)  # model.impl values that compute it ("hf": transformers' FlaxBertModule)
     head_path: str = "pooler"  # the head's dense layer(s) before the classifier, in flaxclf's tree
+    # model.lora.targets' default, in the state dict's module names: peft's own default where it has one
+    # (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), else the same query and value projections.
+    lora_targets: tuple[str, ...] = ("query", "value")
 
     def hf_key(self, spec_field: str) -> str:
         return self.config_keys.get(spec_field, spec_field)

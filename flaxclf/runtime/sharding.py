@@ -77,12 +77,19 @@ def _fit(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
     return P(*out)
 
 
+def _rule(path: str, rules: Rules) -> P:
+    return next((spec for pattern, spec in rules if re.search(pattern, path)), P())
+
+
 def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules: Rules) -> P:
-    """The spec of the first rule whose regex is found in `path`, fitted to `shape`; P() when none match."""
-    for pattern, spec in rules:
-        if re.search(pattern, path):
-            return _fit(spec, shape, mesh)
-    return P()
+    """The spec of the first rule whose regex is found in `path`, fitted to `shape`; P() when none match. A LoRA
+    matrix (flaxclf.nn.lora) follows its layer's kernel: A [in, r] splits `in` as the kernel does, B [r, out] its
+    `out`, so that a sharded adapter's products need no other layout than the kernel's."""
+    head, _, leaf = path.rpartition("/")
+    if leaf in ("lora_A", "lora_B"):
+        kernel = list(_rule(f"{head}/kernel", rules)) + [None, None]
+        return _fit(P(kernel[0], None) if leaf == "lora_A" else P(None, kernel[1]), shape, mesh)
+    return _fit(_rule(path, rules), shape, mesh)
 
 
 def param_specs(tree: Any, mesh: Mesh, rules: Rules) -> Any:

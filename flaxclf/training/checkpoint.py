@@ -186,7 +186,8 @@ class Checkpointer:
 
 # The run settings a resume must keep: they shape the params and the optimizer state, or fix which rows make
 # each training batch. Everything else (epochs, learning rate, eval and save cadence, mesh, dtype) may change.
-RESUME_KEYS = ("model.name", "model.pooling", "model.problem_type", "model.param_dtype",
+RESUME_KEYS = ("model.name", "model.pooling", "model.problem_type", "model.param_dtype", "model.lora.rank",
+               "model.lora.alpha", "model.lora.targets",
                "data.task", "data.train_file", "data.format", "data.text_column", "data.text_pair_column",
                "data.label_column", "data.label_type", "data.max_length", "data.buckets", "data.empty_text",
                "data.long_text", "data.stride", "data.head_tokens", "data.packing",
@@ -218,9 +219,14 @@ def resume_changes(saved: dict, now: RunConfig) -> list[str]:
     return out
 
 
-def check_compatible(meta: dict, cfg: RunConfig, label_names: list[str], directory: Path) -> None:
-    """Refuses to continue a run directory whose checkpoints were made with other params, data or labels."""
+def check_compatible(meta: dict, cfg: RunConfig, label_names: list[str], directory: Path,
+                     base_sha256: str | None = None) -> None:
+    """Refuses to continue a run directory whose checkpoints were made with other params, data or labels, or (a
+    LoRA run) on a base whose weights have changed."""
     changes = resume_changes(meta.get("config", {}), cfg)
+    if base_sha256 is not None and meta.get("base_sha256") not in (None, base_sha256):
+        changes.append(f"the weights of model.name {cfg.model.name}: sha256 {meta['base_sha256'][:12]}... -> "
+                       f"{base_sha256[:12]}...")
     if list(meta.get("label_names", [])) != list(label_names):
         changes.append(f"labels: {meta.get('label_names')} -> {list(label_names)}")
     if changes:

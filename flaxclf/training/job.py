@@ -10,20 +10,31 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import multihost_utils
 
 from flaxclf import assets, data
 from flaxclf.config import ConfigError, RunConfig
 from flaxclf.data import long_text
 from flaxclf.hf import config as hf_config
-from flaxclf.hf import weights
+from flaxclf.hf import peft, weights
 from flaxclf.models.classifier import ClassifierConfig, cast_floats, make_classifier
 from flaxclf.models.interface import Classifier
+from flaxclf.nn import lora
 from flaxclf.runtime import compilation, distributed, hostmem, sharding, timing
 from flaxclf.training import losses, metrics, rundir, stopping
 from flaxclf.training.checkpoint import CHECKPOINTS, UNREADABLE_SUFFIX, Checkpointer, CheckpointError, check_compatible
 from flaxclf.training.optim import lr_schedule, make_optimizer, schedule_constants
-from flaxclf.training.steps import TrainState, abstract_state, compile_steps, create_state, state_shardings
+from flaxclf.training.steps import (
+    TrainState,
+    abstract_state,
+    compile_steps,
+    create_state,
+    place,
+    saved,
+    state_shardings,
+    with_frozen,
+)
 
 
 @dataclass
@@ -49,6 +60,7 @@ class Job:
     best: dict  # {"value", "step"} of the best validation metric so far
     loss: losses.LossSpec
     early: dict  # flaxclf.training.stopping's state: evaluations without improvement, and whether the run stopped
+    base_sha256: str | None = None  # a LoRA run's base weights (flaxclf.hf.weights.checkpoint_sha256)
 
 
 def classifier_overrides(cfg: RunConfig, task: data.Task) -> dict:
@@ -73,7 +85,15 @@ def meta(job: Job) -> dict:
             "problem_type": job.model.config.problem_type, "data": job.batches.state(),
             "config": job.cfg.to_dict(), "best": job.best, "early_stopping": job.early,
             "loss": dataclasses.asdict(job.loss),
-            "classifier": {**classifier, "label_names": list(classifier["label_names"])}}
+            "classifier": {**classifier, "label_names": list(classifier["label_names"])},
+            **_lora_meta(job.model, job.base_sha256)}
+
+
+def _lora_meta(model: Classifier, base_sha256: str | None) -> dict:
+    """A LoRA run's adapter (its layers and what else it trains) and the hash of the base it adapts; nothing
+    without LoRA."""
+    spec = model.config.lora
+    return {} if spec is None else {"lora": spec.to_json(), "base_sha256": base_sha256}
 
 
 def setup(cfg: RunConfig, clock: timing.Clock | None = None) -> Job:
@@ -101,6 +121,15 @@ def _setup_model(cfg: RunConfig, clock: timing.Clock, run_dir: Path, mesh, model
     if "train" not in splits:
         raise data.DataError("there is no training split; set data.train_file or a packaged data.task")
     model = _classifier(cfg, model_dir, task)
+    host, base_sha256 = None, None
+    if cfg.model.lora.rank is not None:
+        # The base's weights come first: the adapter trains the head modules the base lacks, and a resumed run
+        # takes its frozen weights from them.
+        host, new_head = weights.load_base(model, model_dir, jax.random.PRNGKey(cfg.train.seed))
+        model = peft.with_lora(model, cfg.model.lora, new_head)
+        host = jax.tree.map(np.asarray, lora.add(host, model.config.lora,
+                                                 jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 2)))
+        base_sha256 = weights.checkpoint_sha256(model_dir)
     _check_best_metric(cfg, model.config.problem_type, "validation" in splits)
     loss = losses.resolve(cfg.loss, model.config.problem_type, task.label_names, task.train_labels)
     if cfg.data.long_text == "chunks":
@@ -129,10 +158,15 @@ def _setup_model(cfg: RunConfig, clock: timing.Clock, run_dir: Path, mesh, model
         params_s = compilation.structs(abstract.params, shardings.params)
         eval_step = compilation.Precompiled(jitted_eval, pool, step_cache, repr(("eval", model, mesh))).start(
             (params_s, structs) for structs in evals)
-        restored = _restore(ckpt, abstract, shardings, cfg, task, run_dir)
+        if host is not None:
+            host = cast_floats(host, jnp.dtype(cfg.model.param_dtype))
+        restored = _restore(ckpt, saved(abstract, model), saved(shardings, model), cfg, task, run_dir, base_sha256)
         best, early = {"value": None, "step": None}, stopping.initial()
         if restored is not None:
             state, meta = restored
+            frozen_s = lora.split(shardings.params, model.config.lora)[1]
+            state = with_frozen(state, place(lora.split(host, model.config.lora)[1], frozen_s)
+                                     if host is not None else {})
             batches.restore(meta["data"])
             best = meta.get("best", best)
             early = meta.get("early_stopping", early)
@@ -144,9 +178,10 @@ def _setup_model(cfg: RunConfig, clock: timing.Clock, run_dir: Path, mesh, model
             state_s = compilation.structs(abstract, shardings)
             train_step.start((state_s, structs) for structs in batches.structs(total - start))
         if restored is None:
-            host = weights.load_params(model, model_dir, jax.random.PRNGKey(cfg.train.seed))
-            host = cast_floats(host, jnp.dtype(cfg.model.param_dtype))
-            state = create_state(host, tx, shardings, cfg.train.seed)
+            if host is None:
+                host = weights.load_params(model, model_dir, jax.random.PRNGKey(cfg.train.seed))
+                host = cast_floats(host, jnp.dtype(cfg.model.param_dtype))
+            state = create_state(host, tx, shardings, cfg.train.seed, model.config.lora)
         with clock.phase("compile"):
             eval_step.wait()
             train_step.wait()
@@ -156,7 +191,7 @@ def _setup_model(cfg: RunConfig, clock: timing.Clock, run_dir: Path, mesh, model
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     return Job(cfg, run_dir, model_dir, mesh, task, splits, model, batches, total, abstract, shardings, state,
-               train_step, eval_step, lr_schedule(cfg.optim, total), ckpt, best, loss, early)
+               train_step, eval_step, lr_schedule(cfg.optim, total), ckpt, best, loss, early, base_sha256)
 
 
 def _check_best_metric(cfg: RunConfig, problem_type: str, has_validation: bool) -> None:
@@ -170,7 +205,8 @@ def _check_best_metric(cfg: RunConfig, problem_type: str, has_validation: bool) 
                           "set data.validation_file or train.early_stopping_patience=null")
 
 
-def _restore(ckpt: Checkpointer, abstract, shardings, cfg: RunConfig, task: data.Task, run_dir: Path):
+def _restore(ckpt: Checkpointer, abstract, shardings, cfg: RunConfig, task: data.Task, run_dir: Path,
+             base_sha256: str | None):
     """(state, meta) of the run directory's newest readable checkpoint after checking that it fits this run;
     None for a directory without checkpoints. Never silently starts over where checkpoints were."""
     aside = run_dir / (CHECKPOINTS + UNREADABLE_SUFFIX)
@@ -181,7 +217,7 @@ def _restore(ckpt: Checkpointer, abstract, shardings, cfg: RunConfig, task: data
                                   "checkpoint.fresh=true to start over, or use another train.output_dir")
         return None
     out = ckpt.restore(abstract, shardings,
-                       check=lambda meta: check_compatible(meta, cfg, task.label_names, run_dir))
+                       check=lambda meta: check_compatible(meta, cfg, task.label_names, run_dir, base_sha256))
     if out is None:
         raise CheckpointError(f"no checkpoint in {ckpt.directory} could be read (they were moved to {aside}); "
                               "set checkpoint.fresh=true to start over, or use another train.output_dir")

@@ -18,7 +18,8 @@ from flaxclf import data
 from flaxclf.config import RunConfig
 from flaxclf.data import long_text
 from flaxclf.data.packing import per_text
-from flaxclf.hf import weights
+from flaxclf.hf import peft, weights
+from flaxclf.nn import lora
 from flaxclf.options import HF_POOLING
 from flaxclf.runtime import sharding, timing
 from flaxclf.training import losses, metrics, plots, rundir, stopping
@@ -26,6 +27,7 @@ from flaxclf.training.checkpoint import lower_is_better
 from flaxclf.training.job import Job, heap_cap, meta, setup
 from flaxclf.training.metrics_log import RunLog
 from flaxclf.training.preemption import PREEMPTED_EXIT_CODE, Preempted, Signals, any_process
+from flaxclf.training.steps import saved
 
 
 class TrainingError(RuntimeError):
@@ -117,9 +119,9 @@ def train_loop(job: Job, log: RunLog, signals: Signals, clock: timing.Clock) -> 
                     f"{job.best['value']:.4f} at step {job.best['step']})")
         if step_metrics is not None or save_now or step == job.total_steps or job.early["stopped"]:
             with clock.phase("checkpoint"):
-                job.ckpt.save(step, job.state, meta(job), step_metrics)
+                job.ckpt.save(step, saved(job.state, job.model), meta(job), step_metrics)
         if stop:
-            job.ckpt.save(step, job.state, meta(job), step_metrics)
+            job.ckpt.save(step, saved(job.state, job.model), meta(job), step_metrics)
             job.ckpt.wait()
             sig = signals.received or signal.SIGTERM
             log.say(f"stopped by signal {sig} after step {step}; checkpoint {step} is complete; exiting with "
@@ -164,7 +166,10 @@ def finish(job: Job, log: RunLog, clock: timing.Clock | None = None) -> dict:
         params, which = job.state.params, "final"
         best_step = job.ckpt.best_step()
         if job.cfg.train.export == "best" and best_step is not None and best_step != int(job.state.step):
-            params = job.ckpt.restore_params(best_step, job.abstract.params, job.shardings.params)
+            spec = job.model.config.lora
+            params = lora.merge(job.ckpt.restore_params(best_step, lora.split(job.abstract.params, spec)[0],
+                                                        lora.split(job.shardings.params, spec)[0]),
+                                lora.split(job.state.params, spec)[1])
             which = f"best (step {best_step})"
     summary = {"run_dir": str(job.run_dir), "exported": which, "best": job.best, "steps": int(job.state.step),
                "early_stopped": job.early["stopped"], "loss": dataclasses.asdict(job.loss), "warnings": [],
@@ -180,9 +185,14 @@ def finish(job: Job, log: RunLog, clock: timing.Clock | None = None) -> dict:
     with clock.phase("export"):
         host = jax.tree.map(sharding.to_host, params)
         if jax.process_index() == 0:
-            if job.model.config.pooling == HF_POOLING:
-                summary["export_dir"] = str(weights.export_hf(job.run_dir / "export", job.model.config, host,
-                                                             job.model_dir))
+            config, spec = job.model.config, job.model.config.lora
+            if config.pooling == HF_POOLING and spec is not None:
+                summary["adapter_dir"] = str(peft.export_adapter(job.run_dir / "adapter", config, host,
+                                                                 peft.base_reference(job.cfg.model.name,
+                                                                                     job.model_dir)))
+            if config.pooling == HF_POOLING:
+                summary["export_dir"] = str(weights.export_hf(job.run_dir / "export", config.replace(lora=None),
+                                                             lora.merged(host, spec), job.model_dir))
             else:
                 log.say(f"no HF export: pooling={job.model.config.pooling!r} has no PyTorch equivalent")
             (job.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -278,5 +288,8 @@ def _summary_text(s: dict, best_metric: str) -> str:
     if s.get("export_dir"):
         lines.append(f"    export/                   the {s['exported']} model as a Hugging Face folder "
                      "(AutoModelForSequenceClassification.from_pretrained)")
+    if s.get("adapter_dir"):
+        lines.append(f"    adapter/                  the {s['exported']} model's LoRA adapter as peft's folder "
+                     "(PeftModel.from_pretrained)")
     lines.append(f"  next: flaxclf evaluate {d} --data FILE; flaxclf predict {d} FILE; flaxclf inspect {d}")
     return "\n".join(lines)

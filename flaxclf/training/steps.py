@@ -16,8 +16,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from flaxclf.data.packing import per_text, segments
-from flaxclf.models.classifier import dummy_inputs
+from flaxclf.models.classifier import init_params
 from flaxclf.models.interface import Classifier
+from flaxclf.nn import lora
 from flaxclf.runtime import sharding
 from flaxclf.training import losses
 
@@ -33,12 +34,24 @@ class TrainState:
 
 
 def abstract_state(model: Classifier, tx: optax.GradientTransformation, param_dtype: Any) -> TrainState:
-    """Shapes and dtypes of the whole state, with no memory allocated."""
+    """Shapes and dtypes of the whole state, with no memory allocated. The optimizer state covers the trained
+    variables alone (with a LoRA adapter: its matrices and the head; flaxclf.nn.lora)."""
     def init() -> TrainState:
-        params = model.init(jax.random.PRNGKey(0), **dummy_inputs())
-        params = jax.tree.map(lambda x: x.astype(param_dtype), params)
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(0))
+        params = init_params(model, jax.random.PRNGKey(0), param_dtype)
+        trained, _ = lora.split(params, model.config.lora)
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(trained), jax.random.PRNGKey(0))
     return jax.eval_shape(init)
+
+
+def saved(state: TrainState, model: Classifier) -> TrainState:
+    """What a checkpoint holds of a state (or of its shapes or shardings): all of it, except a LoRA run's frozen
+    variables, which come from the base model (model.name) again."""
+    return state.replace(params=lora.split(state.params, model.config.lora)[0])
+
+
+def with_frozen(state: TrainState, frozen: dict) -> TrainState:
+    """A restored checkpoint's state made whole with the frozen variables (an empty dict without LoRA)."""
+    return state.replace(params=lora.merge(state.params, frozen))
 
 
 def state_shardings(abstract: TrainState, mesh: Mesh, model: Classifier) -> TrainState:
@@ -56,10 +69,10 @@ def place(host_tree: Any, shardings: Any) -> Any:
 
 
 def create_state(host_params: dict, tx: optax.GradientTransformation, shardings: TrainState,
-                 seed: int) -> TrainState:
+                 seed: int, spec: lora.LoraSpec | None = None) -> TrainState:
     """The initial state directly on its shardings: pretrained params placed, optimizer state built in place."""
     params = place(host_params, shardings.params)
-    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(lora.split(params, spec)[0])
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
     rng = jax.device_put(jax.random.PRNGKey(seed), shardings.rng)
     return TrainState(step, params, opt_state, rng)
@@ -92,24 +105,28 @@ def train_step(state: TrainState, batch: dict, *, model: Classifier, tx: optax.G
     denominator = losses.batch_denominator(loss_spec, per_text(batch["labels"], batch),
                                            per_text(batch["weight"], batch))
 
-    def loss_fn(params, micro, micro_key):
-        z = logits(params, micro, model, deterministic=False, rngs={"dropout": micro_key})
+    # Only the trained variables are differentiated: no gradient (no weight-gradient matmul, no embedding
+    # scatter) is computed for a LoRA run's frozen weights.
+    trained, frozen = lora.split(state.params, model.config.lora)
+
+    def loss_fn(trained, micro, micro_key):
+        z = logits(lora.merge(trained, frozen), micro, model, deterministic=False, rngs={"dropout": micro_key})
         return losses.loss(loss_spec, z, per_text(micro["labels"], micro), per_text(micro["weight"], micro),
                            denominator)
 
     grad_fn = jax.value_and_grad(loss_fn)
     if accum_steps == 1:
-        loss, grads = grad_fn(state.params, batch, key)
+        loss, grads = grad_fn(trained, batch, key)
     else:
         def body(carry, xs):
             i, micro = xs
-            loss_g = grad_fn(state.params, micro, jax.random.fold_in(key, i))
+            loss_g = grad_fn(trained, micro, jax.random.fold_in(key, i))
             return jax.tree.map(jnp.add, carry, loss_g), None
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trained))
         micro = _micro_batches(batch, accum_steps, mesh)
         (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    updates, opt_state = tx.update(grads, state.opt_state, trained)
+    params = lora.merge(optax.apply_updates(trained, updates), frozen)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "examples": batch["weight"].sum()}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -91,14 +91,13 @@ class SelfAttention(nn.Module):
         b, n, d = x_BxLxD.shape
         h = s.num_attention_heads
         dh = d // h
-        (wq, bq), (wk, bk), (wv, bv) = self.query.weights(), self.key.weights(), self.value.weights()
         dt = self.dtype
 
-        def heads(rows_BxRxD, w, bias):  # [B, R, D] -> [B, H, R, Dh]: heads ahead of the sequence, once
+        def heads(rows_BxRxD, dense):  # [B, R, D] -> [B, H, R, Dh]: heads ahead of the sequence, once
             r = rows_BxRxD.shape[1]
-            return (mm(rows_BxRxD, w, dt) + bias).reshape(b, r, h, dh).transpose(0, 2, 1, 3)
+            return dense(rows_BxRxD).reshape(b, r, h, dh).transpose(0, 2, 1, 3)
 
-        q = heads((x_BxLxD[:, :1] if at is None else gather_rows(x_BxLxD, at)) if cls_only else x_BxLxD, wq, bq)
+        q = heads((x_BxLxD[:, :1] if at is None else gather_rows(x_BxLxD, at)) if cls_only else x_BxLxD, self.query)
         q = q / jnp.sqrt(dh).astype(q.dtype)  # scaled before the product, as flax's attention does
         rate = s.attention_probs_dropout_prob
         keep = None
@@ -108,9 +107,13 @@ class SelfAttention(nn.Module):
             keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, (1, 1, n, n))
             keep = keep[:, :, :q.shape[2]] if at is None else keep[0, 0][at][:, None]
         if cls_only:
-            bias = bias_Bx1xQxL if at is None else jnp.take_along_axis(bias_Bx1xQxL, at[:, None, :, None], axis=2)
-            return cls_attention(x_BxLxD, q, bias, keep, rate, (wk, bk), (wv, bv), dt)
-        k, v = heads(x_BxLxD, wk, bk), heads(x_BxLxD, wv, bv)
+            bias_Bx1xQxL = bias_Bx1xQxL if at is None else jnp.take_along_axis(bias_Bx1xQxL, at[:, None, :, None],
+                                                                                 axis=2)
+            # An adapted key or value (LoRA) projects every position: its low-rank term does not regroup.
+            if not (self.key.adapted or self.value.adapted):
+                return cls_attention(x_BxLxD, q, bias_Bx1xQxL, keep, rate, self.key.weights(), self.value.weights(),
+                                     dt)
+        k, v = heads(x_BxLxD, self.key), heads(x_BxLxD, self.value)
         scores_BxHxQxL = mm(q, jnp.swapaxes(k, -1, -2), dt) + bias_Bx1xQxL
         # softmax(s) @ v as (exp(s - max) @ v) / sum: XLA:CPU fuses the exponential (and the dropout mask) into
         # the second matmul instead of writing and re-reading the [B, H, L, L] probabilities.
@@ -119,7 +122,7 @@ class SelfAttention(nn.Module):
             ctx_BxHxQxDh = mm(e, v, dt) / e.sum(-1, keepdims=True)
         else:
             ctx_BxHxQxDh = mm(e * keep.astype(e.dtype), v, dt) / (e.sum(-1, keepdims=True) * (1.0 - rate))
-        return ctx_BxHxQxDh.transpose(0, 2, 1, 3).reshape(b, n, d)
+        return ctx_BxHxQxDh.transpose(0, 2, 1, 3).reshape(b, q.shape[2], d)
 
 
 class _DenseDropoutNorm(nn.Module):

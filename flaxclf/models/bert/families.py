@@ -48,6 +48,7 @@ FAMILIES: tuple[Family, ...] = (
         name="distilbert", architectures={"distilbert": "DistilBertForSequenceClassification"}, prefix="distilbert",
         token_types=False, attention_output_dropout=False, head_activation="relu", head_is_new=True,
         head_names="pre_classifier + ReLU",
+        lora_targets=("q_lin", "v_lin"),
         classifier_dropout_key="seq_classif_dropout", classifier_dropout_default=0.2,
         config_keys=dict(hidden_size="dim", num_hidden_layers="n_layers", num_attention_heads="n_heads",
                          intermediate_size="hidden_dim", hidden_act="activation", hidden_dropout_prob="dropout",

@@ -15,6 +15,7 @@ FAMILY = Family(
     encoder="deberta", head_is_new=True, head_path="pooler", head_activation="gelu",
     head_names="pooler (ContextPooler: dropout -> dense -> pooler_hidden_act on h[:, 0])",
     classifier_dropout_key="cls_dropout",
+    lora_targets=("query_proj", "value_proj"),
     names=(("deberta.", "deberta."), ("pooler.", "pooler."), ("classifier.", "classifier.")),
     # DebertaV2ForMaskedLM's heads (lm_predictions; cls with legacy=True); the replaced-token detector of v3's
     # ELECTRA-style pretraining (mask_predictions).

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from flaxclf.models.modernbert.spec import AttentionImpl, ModernBertSpec
+from flaxclf.nn import lora
 from flaxclf.nn.activations import ACTIVATIONS
 from flaxclf.nn.attention import banded_local_attention, chunked_attention, dense_attention
 from flaxclf.nn.dense import Dense
@@ -228,21 +229,27 @@ class _Layers(nn.Module):
         """Layers 1 .. groups * every as a checkpointed scan over groups: each layer's output in order
         (every_state), or the last one."""
         every = self.spec.global_attn_every_n_layers
-        params = self.variables["params"]
+        # Each layer's variables: its params, and its LoRA constants where it has an adapter (flaxclf.nn.lora).
+        variables = {c: v for c, v in self.variables.items() if c in ("params", lora.COLLECTION)}
+
+        def layer(i):
+            return {c: v[str(i)] for c, v in variables.items() if str(i) in v}
         # Layer j + 1's module computes position j of every group (the same attention kind and rotary theta).
         template = [ModernBertLayer(self.spec, j + 1, self.dtype, self.attention, parent=None) for j in range(every)]
-        stacked = [jax.tree.map(lambda *ps: jnp.stack(ps), *(params[str(g * every + j + 1)] for g in range(groups)))
+        stacked = [jax.tree.map(lambda *ps: jnp.stack(ps), *(layer(g * every + j + 1) for g in range(groups)))
                    for j in range(every)]
-        drops = not deterministic and (self.spec.attention_dropout > 0 or self.spec.mlp_dropout > 0)
+        lora_drops = any(p[-1].key == "dropout" for p, _ in
+                         jax.tree_util.tree_leaves_with_path(variables.get(lora.COLLECTION, {})))
+        drops = not deterministic and (self.spec.attention_dropout > 0 or self.spec.mlp_dropout > 0 or lora_drops)
         keys = jax.random.split(self.make_rng("dropout"), groups) if drops else jnp.zeros(groups, jnp.uint32)
 
         @partial(jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names(_GLOBAL_OUT))
         def group(x, xs):
-            layer_params, key = xs
+            layer_vars, key = xs
             outs = []
             for j in range(every):
                 rngs = {"dropout": jax.random.fold_in(key, j)} if drops else None
-                x = _layer_boundary(template[j].apply({"params": layer_params[j]}, x, mask, deterministic, pos,
+                x = _layer_boundary(template[j].apply(layer_vars[j], x, mask, deterministic, pos,
                                                       rngs=rngs))
                 outs.append(x)
             return x, jnp.stack(outs) if every_state else None

@@ -15,6 +15,7 @@ FAMILY = Family(
     encoder="modernbert", token_types=False, head_is_new=True, head_path="head",
     head_names="head (classifier_pooling cls or mean -> dense -> activation -> norm)",
     classifier_dropout_default=0.0,
+    lora_targets=("Wqkv",),  # peft adapts the fused projection whole
     names=(("model.", "model."), ("head.", "head."), ("classifier.", "classifier.")),
     # ModernBertForMaskedLM's decoder; its `head` is the classifier's own prediction head, and is kept.
     ignored=("decoder.",))
