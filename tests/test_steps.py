@@ -109,7 +109,7 @@ def _train(model, host, mesh, batches, accum_steps: int = 1, tx=None):
     moment after each step by path)."""
     tx = tx or _tx()
     shardings = steps.state_shardings(steps.abstract_state(model, tx, jnp.float32), mesh, model)
-    state = steps.create_state(host, tx, shardings, SEED)
+    state = steps.create_state(host, tx, shardings, SEED, model.config.lora)
     created = _specs(state)
     assert {x.sharding.mesh for x in jax.tree.leaves(state)} == {mesh}
     train, _ = steps.compile_steps(model, tx, SINGLE, accum_steps, mesh, shardings)

@@ -186,7 +186,7 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
 
         tensors = load_file(str(folder / WEIGHTS))
     elif (folder / "adapter_model.bin").is_file():
-        tensors = weights._read_torch_bin(folder / "adapter_model.bin")
+        tensors = weights.read_torch_bin(folder / "adapter_model.bin")
     else:
         raise WeightsError(f"{folder} has no {WEIGHTS} or adapter_model.bin; point at a folder written by peft's "
                            "save_pretrained")

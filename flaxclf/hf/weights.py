@@ -93,7 +93,7 @@ def read_checkpoint(folder: Path, family: Family) -> dict[Path_, np.ndarray]:
                 out[(*module, leaf)] = np.asarray(arr)
         return out
     if (folder / "pytorch_model.bin").is_file():
-        return _from_pt_names(family, _read_torch_bin(folder / "pytorch_model.bin"))
+        return _from_pt_names(family, read_torch_bin(folder / "pytorch_model.bin"))
     raise WeightsError(f"{folder} has no model.safetensors, flax_model.msgpack or pytorch_model.bin; "
                        "point at a folder made by save_pretrained")
 
@@ -107,7 +107,7 @@ def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
     return out
 
 
-def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError:
