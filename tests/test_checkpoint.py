@@ -16,14 +16,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 from safetensors.numpy import load_file
 
 from flaxclf import data
 from flaxclf.config import CheckpointConfig, MeshConfig, load_config
+from flaxclf.hf import weights
 from flaxclf.inference import runs as run_files
 from flaxclf.models.bert.families import decays as bert_decays
 from flaxclf.models.registry import ENCODERS
+from flaxclf.nn import lora
 from flaxclf.runtime import sharding
 from flaxclf.training import job as job_setup
 from flaxclf.training.checkpoint import Checkpointer, CheckpointError
@@ -78,22 +82,28 @@ def _wait_for(proc: subprocess.Popen, ready, what: str, timeout: float = 240) ->
         time.sleep(0.02)
 
 
+# The kill -9 journey's runs train LoRA adapters (a large rate, as LoRA takes), so that resuming is shown exact for
+# the trained variables' checkpoints and the frozen base read again.
+LORA = ("model.lora.rank=4", "model.lora.dropout=0.1", "optim.learning_rate=1e-3")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir, csv_dir) -> dict:
-    """Three subprocess runs side by side: `full` never stops; `killed` gets SIGKILL right after its first
-    checkpoint and is then resumed by the same command; `term` (an endless run) gets SIGTERM."""
+    """Three subprocess runs side by side, with LoRA on (its dropout too): `full` never stops; `killed` gets
+    SIGKILL right after its first checkpoint and is then resumed by the same command; `term` (an endless run) gets
+    SIGTERM."""
     root = tmp_path_factory.mktemp("runs")
     full, killed, term = root / "full", root / "killed", root / "term"
-    p_full = _launch(_overrides(tiny_model_dir, csv_dir, full), root / "full.log")
-    p_kill = _launch(_overrides(tiny_model_dir, csv_dir, killed), root / "killed.log")
-    p_term = _launch(_overrides(tiny_model_dir, csv_dir, term, "train.max_steps=100000", "train.eval_every=100000",
-                                "checkpoint.every_steps=0"), root / "term.log")
+    p_full = _launch(_overrides(tiny_model_dir, csv_dir, full, *LORA), root / "full.log")
+    p_kill = _launch(_overrides(tiny_model_dir, csv_dir, killed, *LORA), root / "killed.log")
+    p_term = _launch(_overrides(tiny_model_dir, csv_dir, term, *LORA, "train.max_steps=100000",
+                                "train.eval_every=100000", "checkpoint.every_steps=0"), root / "term.log")
     _wait_for(p_kill, lambda: (killed / "checkpoints" / "4").is_dir(), "checkpoint 4")
     p_kill.send_signal(signal.SIGKILL)
     _wait_for(p_term, lambda: len(read_records(term)) >= 3, "3 logged steps")
     p_term.send_signal(signal.SIGTERM)
     rcs = {"killed": p_kill.wait(), "term": p_term.wait(timeout=240)}
-    p_resume = _launch(_overrides(tiny_model_dir, csv_dir, killed), root / "resumed.log")
+    p_resume = _launch(_overrides(tiny_model_dir, csv_dir, killed, *LORA), root / "resumed.log")
     rcs["resumed"], rcs["full"] = p_resume.wait(timeout=300), p_full.wait(timeout=300)
     logs = {k: (root / f"{k}.log").read_text() for k in ("full", "killed", "term", "resumed")}
     return {"full": full, "killed": killed, "term": term, "rc": rcs, "log": logs}
@@ -131,6 +141,15 @@ def test_killed_run_resumes_bit_for_bit(runs):
     assert [(r["step"], r["split"]) for r in res] == [(r["step"], r["split"]) for r in full]
     assert [r["step"] for r in full if r["split"] == "train"] == list(range(1, TOTAL + 1))
     assert _comparable(res) == _comparable(full)
+    # The checkpoints hold the trained variables (LoRA's matrices, the classifier) and their moments alone; the
+    # base is read again from model.name, checked against its hash.
+    ckpt, _ = run_files.open_run(runs["killed"])
+    saved = ocp.PyTreeCheckpointHandler().metadata(epath.Path(ckpt.directory / str(TOTAL) / "state")).tree
+    names = {sharding.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(
+        saved, is_leaf=lambda x: hasattr(x, "shape"))}
+    assert any(n.endswith("query/lora_A") for n in names) and any(n.endswith("classifier/kernel") for n in names)
+    assert not any("embeddings" in n or n.endswith("query/kernel") for n in names), sorted(names)
+    assert meta_res["base_sha256"] == weights.checkpoint_sha256(meta_res["model_dir"])
 
 
 def test_sigterm_saves_the_step_it_stopped_at_and_exits_143(runs):
@@ -292,12 +311,13 @@ def test_foreign_run_directory_is_refused_unless_fresh(runs, tmp_path, tiny_mode
     other_labels = _write_csvs(tmp_path / "other", ("yes", "no"))
     with pytest.raises(CheckpointError, match=r"data.train_file: .* -> .*labels: \['neg', 'pos'\] -> \['no', 'yes'\]"
                                               r".*fresh=true"):
-        job_setup.setup(load_config(REPO / "configs/tiny.yaml", _overrides(tiny_model_dir, other_labels, run_dir)))
+        job_setup.setup(load_config(REPO / "configs/tiny.yaml", _overrides(tiny_model_dir, other_labels, run_dir,
+                                                                           *LORA)))
     other_model = shutil.copytree(tiny_model_dir, tmp_path / "other-model")
     with pytest.raises(CheckpointError, match=r"\(model.name: .*tiny-bert.* -> .*other-model\);.*fresh=true"):
-        job_setup.setup(load_config(REPO / "configs/tiny.yaml", _overrides(other_model, csv_dir, run_dir)))
+        job_setup.setup(load_config(REPO / "configs/tiny.yaml", _overrides(other_model, csv_dir, run_dir, *LORA)))
     job = job_setup.setup(load_config(REPO / "configs/tiny.yaml",
-                                  _overrides(tiny_model_dir, other_labels, run_dir, "checkpoint.fresh=true")))
+                                  _overrides(tiny_model_dir, other_labels, run_dir, "checkpoint.fresh=true", *LORA)))
     try:
         assert int(job.state.step) == 0 and job.ckpt.steps() == []
     finally:
@@ -317,7 +337,7 @@ def test_params_only_load_and_export_from_any_checkpoint(runs, tmp_path):
         exported = load_file(str(out / "model.safetensors"))
         from flaxclf.hf.weights import to_pt_state
 
-        expected = to_pt_state(jax.device_get(params))
+        expected = to_pt_state(lora.merged(jax.device_get(params), model.config.lora))  # the adapter merged
         assert exported.keys() == expected.keys()
         assert all(np.array_equal(exported[k], expected[k]) for k in expected)
         assert (out / "config.json").is_file() and (out / "vocab.txt").is_file()
@@ -325,3 +345,49 @@ def test_params_only_load_and_export_from_any_checkpoint(runs, tmp_path):
         run_files.load_params_for_inference(runs["full"], step=3)
     with pytest.raises(CheckpointError, match="no checkpoints/ folder"):
         run_files.load_params_for_inference(tmp_path / "nothing")
+
+
+@pytest.mark.hf
+def test_a_lora_runs_adapter_gives_peft_the_logits_of_flaxclf_and_of_its_merged_export(runs, tiny_model_dir):
+    """The run's adapter/ on its base in peft, its export/ (the adapter merged) in transformers, and flaxclf
+    reading adapter/: the same logits."""
+    torch = pytest.importorskip("torch", reason="the PyTorch reference (torch) is not installed in this environment")
+    peft = pytest.importorskip("peft", reason="peft (the PyTorch reference for adapters) is not installed here")
+    import transformers
+
+    from flaxclf.inference import predict
+
+    full = runs["full"]
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = tok(["good fun", "a dull, boring and awful film", "great"], padding=True, return_tensors="np")
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    adapted = peft.PeftModel.from_pretrained(base, full / "adapter").eval()
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(full / "export").eval()
+    loaded = predict.load(str(full / "adapter"))
+    ours = np.asarray(loaded.model.apply(loaded.params, **{k: jnp.asarray(v) for k, v in batch.items()}))
+    with torch.no_grad():
+        inputs = {k: torch.tensor(v) for k, v in batch.items()}
+        for theirs in (adapted(**inputs).logits.numpy(), merged(**inputs).logits.numpy()):
+            np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_a_lora_run_refuses_a_base_whose_weights_changed(runs, tiny_model_dir, tmp_path):
+    """Inference and resume check model.name's weights against the hash the run recorded."""
+    from safetensors.numpy import save_file
+
+    from flaxclf.config import from_dict
+    from flaxclf.models.classifier import abstract_variables
+    from flaxclf.training.checkpoint import check_compatible
+
+    model, _, meta = run_files.load_params_for_inference(runs["full"])
+    changed = Path(shutil.copytree(tiny_model_dir, tmp_path / "changed"))
+    state = load_file(str(changed / "model.safetensors"))
+    name = next(k for k in state if k.endswith("query.weight"))
+    state[name] = state[name] + 1e-3
+    save_file(state, str(changed / "model.safetensors"), metadata={"format": "pt"})
+    shardings = sharding.tree_shardings(abstract_variables(model), _mesh((1, 1, 1)), ALL_RULES)
+    with pytest.raises(CheckpointError, match="are not those this LoRA run adapted"):
+        run_files.frozen_variables(model, changed, meta, shardings)
+    with pytest.raises(CheckpointError, match=r"other settings \(the weights of model.name [^;]*\)"):
+        check_compatible(meta, from_dict(meta["config"]), meta["label_names"], runs["full"],
+                         weights.checkpoint_sha256(changed))

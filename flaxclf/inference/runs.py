@@ -71,7 +71,7 @@ def classifier_from_meta(meta: dict, cfg: RunConfig) -> tuple[Classifier, Path]:
     return make_classifier(config, dtype=jnp.dtype(cfg.model.dtype), impl=cfg.model.impl), model_dir
 
 
-def _frozen(model: Classifier, model_dir: Path, meta: dict, shardings: Any) -> dict:
+def frozen_variables(model: Classifier, model_dir: Path, meta: dict, shardings: Any) -> dict:
     """A LoRA run's frozen variables, from its base model after checking that the base's weights are those the
     run adapted; an empty dict for a run without LoRA."""
     spec = model.config.lora
@@ -108,7 +108,7 @@ def load_params_for_inference(run_dir: str | Path, step: int | str | None = None
                 shardings = sharding.tree_shardings(abstract, mesh, model.config.encoder.sharding_rules)
                 trained = lora.split(abstract, model.config.lora)[0]
                 params = ckpt.restore_params(s, trained, lora.split(shardings, model.config.lora)[0])
-                params = lora.merge(params, _frozen(model, model_dir, meta, shardings))
+                params = lora.merge(params, frozen_variables(model, model_dir, meta, shardings))
             except (CheckpointError, assets.AssetError, weights.WeightsError):
                 raise
             except Exception as e:

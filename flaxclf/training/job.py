@@ -125,6 +125,7 @@ def _setup_model(cfg: RunConfig, clock: timing.Clock, run_dir: Path, mesh, model
     if cfg.model.lora.rank is not None:
         # The base's weights come first: the adapter trains the head modules the base lacks, and a resumed run
         # takes its frozen weights from them.
+        peft.with_lora(model, cfg.model.lora, ())  # its targets and rank checked before anything is read
         host, new_head = weights.load_base(model, model_dir, jax.random.PRNGKey(cfg.train.seed))
         model = peft.with_lora(model, cfg.model.lora, new_head)
         host = jax.tree.map(np.asarray, lora.add(host, model.config.lora,
