@@ -6,7 +6,9 @@
           full   every weight trained
           lora   model.lora rank 8 (alpha 16) on query and value, the classifier trained, the rest frozen
         Each in a process of its own (bench/step_timing.py): a warm-up call (compiling), then `--reps` timed calls,
-        the median; the process's peak RSS (wait4) and the step's XLA temporaries.
+        the median; the process's peak RSS (wait4) and the step's XLA temporaries. `--rounds` rounds of the two
+        processes, alternating (this machine's process-to-process spread is ~10%): the ratio is of the means of
+        each system's medians.
   job   the main job (`flaxclf train --config configs/default.yaml`, MiniLM-L6 on rt-snippets-4way) as a whole
         process, each into a fresh run directory with an empty compilation cache:
           full   as configured (every weight, lr 5e-5)
@@ -75,6 +77,7 @@ def main() -> None:
     p.add_argument("--parts", default="step,job")
     p.add_argument("--shape", default="32x128", help="ROWSxLENGTH of the step part")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2, help="step part: rounds of the two processes")
     p.add_argument("--only", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="config overrides for both job runs (key=value)")
     a = p.parse_args()
@@ -87,12 +90,18 @@ def main() -> None:
     ratios = {}
     if "step" in a.parts:
         rows, length = (int(x) for x in a.shape.split("x"))
-        r = {s: run_step(s, rows, length, a.reps) for s in ("full", "lora")}
-        for line in r.values():
-            print(json.dumps(line), flush=True)
-        if all("median_s" in x for x in r.values()):
-            ratios["step_speed_lora_over_full"] = round(r["full"]["median_s"] / r["lora"]["median_s"], 3)
-            ratios["step_peak_rss_lora_over_full"] = round(r["lora"]["peak_rss_gb"] / r["full"]["peak_rss_gb"], 3)
+        r = {"full": [], "lora": []}
+        for _ in range(a.rounds):
+            for system in r:
+                r[system].append(run_step(system, rows, length, a.reps))
+                print(json.dumps(r[system][-1]), flush=True)
+        if all("median_s" in x for runs in r.values() for x in runs):
+            mean = {s: sum(x["median_s"] for x in runs) / len(runs) for s, runs in r.items()}
+            rss = {s: max(x["peak_rss_gb"] for x in runs) for s, runs in r.items()}
+            ratios["step_s"] = {s: round(v, 3) for s, v in mean.items()}
+            ratios["step_speed_lora_over_full"] = round(mean["full"] / mean["lora"], 3)
+            ratios["step_peak_rss_gb"] = rss
+            ratios["step_peak_rss_lora_over_full"] = round(rss["lora"] / rss["full"], 3)
     if "job" in a.parts:
         r = {}
         for system, extra in (("full", []), ("lora", JOB_LORA)):

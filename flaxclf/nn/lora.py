@@ -56,12 +56,14 @@ class LoraSpec:
 
 
 def delta(x: jax.Array, a: jax.Array, b: jax.Array, consts: dict, dtype: Any, key: jax.Array | None) -> jax.Array:
-    """(dropout(x) A) B * scale in fp32; the dropout draws from `key` (None: no dropout, as in evaluation)."""
+    """(dropout(x) A) B * scale in fp32; the dropout draws from `key` (None: no dropout, as in evaluation). The
+    scale multiplies the [.., r] product, not the [.., out] one: the same sum (up to rounding; exact for a power of
+    two), without a pass over the layer's output in each direction."""
     if key is not None and "dropout" in consts:
         rate = consts["dropout"]
         keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
         x = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
-    return mm(mm(x, a, dtype), b, dtype) * consts["scale"]
+    return mm(mm(x, a, dtype) * consts["scale"], b, dtype)
 
 
 def add(variables: dict, spec: LoraSpec | None, rng: jax.Array) -> dict:
