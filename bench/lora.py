@@ -5,10 +5,11 @@
         (flaxclf.training.steps.compile_steps on one device: dropout, forward, backward, clipping 1.0, masked AdamW)
           full   every weight trained
           lora   model.lora rank 8 (alpha 16) on query and value, the classifier trained, the rest frozen
+          lora_remat  the same with model.remat (each layer's activations recomputed in the backward pass)
         Each in a process of its own (bench/step_timing.py): a warm-up call (compiling), then `--reps` timed calls,
-        the median; the process's peak RSS (wait4) and the step's XLA temporaries. `--rounds` rounds of the two
-        processes, alternating (this machine's process-to-process spread is ~10%): the ratio is of the means of
-        each system's medians.
+        the median; the process's peak RSS (wait4) and the step's XLA temporaries. `--rounds` rounds of the
+        systems' processes, in turn (this machine's process-to-process spread is ~10%): the ratios are of the means of
+        each system's medians, and of its largest peak RSS.
   job   the main job (`flaxclf train --config configs/default.yaml`, MiniLM-L6 on rt-snippets-4way) as a whole
         process, each into a fresh run directory with an empty compilation cache:
           full   as configured (every weight, lr 5e-5)
@@ -51,8 +52,8 @@ def step_call(system: str, rows: int, length: int):
     from flaxclf.options import SINGLE
 
     config = ClassifierConfig.from_hf({**BERT_BASE, "num_labels": NUM_LABELS}).replace(problem_type=SINGLE)
-    model = make_classifier(config)
-    if system == "lora":
+    model = make_classifier(config, remat=system.endswith("remat"))
+    if system.startswith("lora"):
         model = peft.with_lora(model, LoraConfig(**STEP_LORA), ())
     b = step_timing.batch(rows, length, BERT_BASE["vocab_size"], NUM_LABELS)
     call, temp = step_timing.flaxclf_call(model, "train", b, encoder_of(config.backbone).decays)
@@ -77,7 +78,8 @@ def main() -> None:
     p.add_argument("--parts", default="step,job")
     p.add_argument("--shape", default="32x128", help="ROWSxLENGTH of the step part")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=2, help="step part: rounds of the two processes")
+    p.add_argument("--rounds", type=int, default=2, help="step part: rounds of the systems' processes")
+    p.add_argument("--systems", default="full,lora,lora_remat", help="step part: the systems, in each round's order")
     p.add_argument("--only", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="config overrides for both job runs (key=value)")
     a = p.parse_args()
@@ -90,18 +92,19 @@ def main() -> None:
     ratios = {}
     if "step" in a.parts:
         rows, length = (int(x) for x in a.shape.split("x"))
-        r = {"full": [], "lora": []}
+        r = {s: [] for s in a.systems.split(",")}
         for _ in range(a.rounds):
             for system in r:
                 r[system].append(run_step(system, rows, length, a.reps))
                 print(json.dumps(r[system][-1]), flush=True)
-        if all("median_s" in x for runs in r.values() for x in runs):
-            mean = {s: sum(x["median_s"] for x in runs) / len(runs) for s, runs in r.items()}
-            rss = {s: max(x["peak_rss_gb"] for x in runs) for s, runs in r.items()}
-            ratios["step_s"] = {s: round(v, 3) for s, v in mean.items()}
-            ratios["step_speed_lora_over_full"] = round(mean["full"] / mean["lora"], 3)
-            ratios["step_peak_rss_gb"] = rss
-            ratios["step_peak_rss_lora_over_full"] = round(rss["lora"] / rss["full"], 3)
+        ok = {s: runs for s, runs in r.items() if all("median_s" in x for x in runs)}
+        mean = {s: sum(x["median_s"] for x in runs) / len(runs) for s, runs in ok.items()}
+        rss = {s: max(x["peak_rss_gb"] for x in runs) for s, runs in ok.items()}
+        ratios["step_s"] = {s: round(v, 3) for s, v in mean.items()}
+        ratios["step_peak_rss_gb"] = rss
+        for s in (s for s in ok if s != "full" and "full" in ok):
+            ratios[f"step_speed_{s}_over_full"] = round(mean["full"] / mean[s], 3)
+            ratios[f"step_peak_rss_{s}_over_full"] = round(rss[s] / rss["full"], 3)
     if "job" in a.parts:
         r = {}
         for system, extra in (("full", []), ("lora", JOB_LORA)):
