@@ -150,7 +150,7 @@ def run_system(name: str, a: argparse.Namespace, work: Path) -> dict:
     if name.startswith("flaxclf"):
         return run_flaxclf(name, FLAXCLF_CONFIG[name], [*FLAXCLF_OVERRIDES.get(name, []), *a.overrides], work)
     cmd = [sys.executable, __file__, "--only", name, "--config", str(ROOT / "configs/default.yaml"), *a.overrides]
-    return _timed_process(name, cmd)
+    return _timed_process(name, cmd, result_line=True)
 
 
 def run_flaxclf(name: str, config: str, overrides: list[str], work: Path) -> dict:
@@ -166,9 +166,9 @@ def run_flaxclf(name: str, config: str, overrides: list[str], work: Path) -> dic
     return out
 
 
-def _timed_process(name: str, cmd: list[str]) -> dict:
+def _timed_process(name: str, cmd: list[str], result_line: bool = False) -> dict:
     """A system's process from start to exit (stderr passes through, so that a failing system shows why): its wall
-    time and peak RSS (wait4), and for torch the JSON line it prints last."""
+    time and peak RSS (wait4), and with `result_line` the JSON line it prints last (torch's results)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     stdout = proc.stdout.read()
@@ -177,7 +177,7 @@ def _timed_process(name: str, cmd: list[str]) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{name} failed:\n{stdout[-3000:]}")
     out = {"system": name, "wall_s": round(wall, 1), "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 3)}
-    if not name.startswith("flaxclf"):
+    if result_line:
         out.update(json.loads(stdout.strip().splitlines()[-1]))
     return out
 
