@@ -364,6 +364,7 @@ def test_a_lora_runs_adapter_gives_peft_the_logits_of_flaxclf_and_of_its_merged_
     adapted = peft.PeftModel.from_pretrained(base, full / "adapter").eval()
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(full / "export").eval()
     loaded = predict.load(str(full / "adapter"))
+    assert loaded.label_names == ["neg", "pos"]  # from the adapter file's metadata, which peft ignores
     ours = np.asarray(loaded.model.apply(loaded.params, **{k: jnp.asarray(v) for k, v in batch.items()}))
     with torch.no_grad():
         inputs = {k: torch.tensor(v) for k, v in batch.items()}

@@ -32,6 +32,7 @@ from flaxclf.runtime import outputs
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 ADAPTER_FILES = frozenset({CONFIG, WEIGHTS, "README.md"})
 PREFIX = "base_model.model."
+LABELS_KEY, PROBLEM_KEY = "flaxclf_label_names", "flaxclf_problem_type"  # adapter_model.safetensors' metadata
 
 
 def is_adapter(folder: str | Path) -> bool:
@@ -159,7 +160,11 @@ def export_adapter(folder: str | Path, config: ClassifierConfig, params: dict, b
 
     def write(tmp: Path) -> None:
         (tmp / CONFIG).write_text(json.dumps(adapter_config(config, params, base), indent=2, sort_keys=True) + "\n")
-        (tmp / WEIGHTS).write_bytes(save(adapter_state(config, params), metadata={"format": "pt"}))
+        # The label names ride in the file's metadata, which peft ignores (an unknown key in adapter_config.json
+        # would make peft warn): flaxclf reading the adapter back names its classes.
+        meta = {"format": "pt", LABELS_KEY: json.dumps([config.id2label[i] for i in range(config.num_labels)]),
+                PROBLEM_KEY: config.problem_type or ""}
+        (tmp / WEIGHTS).write_bytes(save(adapter_state(config, params), metadata=meta))
 
     return outputs.write_folder(folder, write, ADAPTER_FILES)
 
@@ -242,6 +247,23 @@ def adapter_values(folder: str | Path, config: ClassifierConfig, abstract: dict)
     return spec, values
 
 
+def _written_labels(folder: Path, num_labels: int) -> dict[str, Any]:
+    """The label names and problem type a flaxclf export put in the adapter's metadata; none for peft's own."""
+    if not (folder / WEIGHTS).is_file():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(folder.expanduser() / WEIGHTS), "np") as f:
+        meta = f.metadata() or {}
+    out: dict[str, Any] = {}
+    names = json.loads(meta.get(LABELS_KEY, "[]"))
+    if len(names) == num_labels:
+        out["label_names"] = tuple(names)
+    if meta.get(PROBLEM_KEY):
+        out["problem_type"] = meta[PROBLEM_KEY]
+    return out
+
+
 def load(folder: str | Path, base: str | None = None, dtype: Any = None, impl: str = "fast",
          ) -> tuple[Classifier, dict, Path]:
     """(model, variables, base folder) of a peft LoRA folder on its base (adapter_config.json's
@@ -258,7 +280,8 @@ def load(folder: str | Path, base: str | None = None, dtype: Any = None, impl: s
         mapped = weights.pt_to_flax(config.backbone.family, key.removeprefix(PREFIX).replace(".modules_to_save.default",
                                                                                               ""))
         if mapped is not None and mapped[0] == (*HEAD, "kernel"):
-            config = weights.classifier_config(base_dir, impl, num_labels=int(arr.shape[0]))
+            config = weights.classifier_config(base_dir, impl, num_labels=int(arr.shape[0]),
+                                               **_written_labels(Path(folder), int(arr.shape[0])))
     plain = make_classifier(config, dtype=dtype or jnp.float32, impl=impl)
     abstract = jax.eval_shape(plain.init, jax.random.PRNGKey(0), **_dummy())
     spec, values = adapter_values(folder, config, abstract)
