@@ -82,13 +82,7 @@ def child(system: str, what: str, rows: int, length: int, reps: int) -> None:
 
 def run(system: str, what: str, rows: int, length: int, reps: int) -> dict:
     cmd = [sys.executable, __file__, "--only", f"{system},{what},{rows},{length}", "--reps", str(reps)]
-    out, err, code, rss = step_timing.run_process(cmd)
-    result = {"system": system, "what": what, "shape": f"{rows}x{length}", "peak_rss_gb": rss}
-    if code != 0:
-        result["failed"] = (err.strip().splitlines() or ["?"])[-1][:300]
-        return result
-    result.update(json.loads(out.strip().splitlines()[-1]))
-    return result
+    return step_timing.measure(cmd, {"system": system, "what": what, "shape": f"{rows}x{length}"})
 
 
 def main() -> None:

@@ -64,13 +64,7 @@ def step_call(system: str, rows: int, length: int):
 
 def run_step(system: str, rows: int, length: int, reps: int) -> dict:
     cmd = [sys.executable, __file__, "--only", f"{system},{rows},{length}", "--reps", str(reps)]
-    out, err, code, rss = step_timing.run_process(cmd)
-    result = {"part": "step", "system": system, "shape": f"{rows}x{length}", "peak_rss_gb": rss}
-    if code != 0:
-        result["failed"] = (err.strip().splitlines() or ["?"])[-1][:300]
-        return result
-    result.update(json.loads(out.strip().splitlines()[-1]))
-    return result
+    return step_timing.measure(cmd, {"part": "step", "system": system, "shape": f"{rows}x{length}"})
 
 
 def main() -> None:

@@ -90,15 +90,7 @@ def run(system: str, what: str, length: int, a: argparse.Namespace) -> dict:
     long = length >= a.remat_from
     cmd = [sys.executable, __file__, "--only", f"{system},{what},{length},{int(long and what == 'train')}",
            "--tokens", str(a.tokens), "--reps", str(a.reps_long if long else a.reps), "--mem-gib", str(a.mem_gib)]
-    out, err, code, rss = step_timing.run_process(cmd)
-    result = {"system": system, "what": what, "length": length, "peak_rss_gb": rss}
-    if code != 0:
-        oom = code < 0 or any(s in err for s in ("MemoryError", "out of memory", "RESOURCE_EXHAUSTED", "bad_alloc",
-                                                   "Cannot allocate memory"))
-        result["failed"] = "out of memory" if oom else (err.strip().splitlines() or ["?"])[-1][:300]
-        return result
-    result.update(json.loads(out.strip().splitlines()[-1]))
-    return result
+    return step_timing.measure(cmd, {"system": system, "what": what, "length": length})
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ timing of a call, and one process per measurement with its peak RSS."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import tempfile
@@ -126,3 +127,18 @@ def run_process(cmd: list[str]) -> tuple[str, str, int, float]:
         errors.seek(0)
         err = errors.read()
     return out, err, os.waitstatus_to_exitcode(status), round(usage.ru_maxrss * 1024 / 1e9, 2)
+
+
+def measure(cmd: list[str], result: dict) -> dict:
+    """`result` with the peak RSS of the measurement's process `cmd`, and the JSON line it printed last, or why it
+    failed ("out of memory" where the process was killed or said so, else its last line of stderr)."""
+    out, err, code, rss = run_process(cmd)
+    result = {**result, "peak_rss_gb": rss}
+    if code != 0:
+        oom = code < 0 or any(s in err for s in ("MemoryError", "out of memory", "RESOURCE_EXHAUSTED", "bad_alloc",
+                                                   "Cannot allocate memory"))
+        result["failed"] = "out of memory" if oom else (err.strip().splitlines() or ["?"])[-1][:300]
+        return result
+    result.update(json.loads(out.strip().splitlines()[-1]))
+    return result
+
