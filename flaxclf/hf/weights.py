@@ -140,7 +140,8 @@ def new_allowed(family: Family) -> tuple[Path_, ...]:
 
 
 def merge(expected: dict[Path_, Any], loaded: dict[Path_, np.ndarray], fresh: dict[Path_, Any],
-          pooling_uses_pooler: bool, allowed_new: tuple[Path_, ...] = (HEAD,)) -> dict[Path_, Any]:
+          pooling_uses_pooler: bool, allowed_new: tuple[Path_, ...] = (HEAD,), report: bool = True,
+          ) -> dict[Path_, Any]:
     """Strict merge: every backbone weight from the checkpoint; only the head (`allowed_new`) may be missing or
     differently shaped, and then comes from `fresh` (HF's init). Anything else raises, naming it."""
     def is_new_allowed(path: Path_) -> bool:
@@ -165,11 +166,16 @@ def merge(expected: dict[Path_, Any], loaded: dict[Path_, np.ndarray], fresh: di
         lines = [f"{label}: {', '.join(names)}" for label, names in
                  (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if names]
         raise WeightsError("the checkpoint does not match the model; " + "; ".join(lines))
-    head_new = sorted({"/".join(p[:-1]) for p in expected if is_new_allowed(p) and out[p] is fresh[p]})
-    if head_new:
-        log.info("classifier head initialized fresh (%s: normal(0, initializer_range), zero bias): the checkpoint "
-                 "has no head of this shape", ", ".join(head_new))
+    if report:
+        report_fresh_head({p[:-1] for p in expected if is_new_allowed(p) and out[p] is fresh[p]})
     return out
+
+
+def report_fresh_head(modules: Any) -> None:
+    """Says which head modules a model starts with fresh (HF's init): the checkpoint had none of their shape."""
+    if modules:
+        log.info("classifier head initialized fresh (%s: normal(0, initializer_range), zero bias): the checkpoint "
+                 "has no head of this shape", ", ".join(sorted("/".join(m) for m in modules)))
 
 
 def from_pretrained(name_or_path: str, num_labels: int | None = None, *, label_names: tuple[str, ...] | None = None,
@@ -215,8 +221,10 @@ def load_params(model: Classifier, folder: str | Path, rng: jax.Array) -> dict:
     return load_base(model, folder, rng)[0]
 
 
-def load_base(model: Classifier, folder: str | Path, rng: jax.Array) -> tuple[dict, tuple[Path_, ...]]:
-    """load_params, and the head's modules that the checkpoint lacks (initialized fresh)."""
+def load_base(model: Classifier, folder: str | Path, rng: jax.Array, report: bool = True,
+              ) -> tuple[dict, tuple[Path_, ...]]:
+    """load_params, and the head's modules that the checkpoint lacks (initialized fresh; said unless `report` is
+    False, for a caller that may not use them)."""
     family = model.config.backbone.family
     expected = flatten_dict(jax.eval_shape(model.init, rng, **dummy_inputs())["params"])
     loaded = {p: a for p, a in read_checkpoint(Path(folder), family).items()
@@ -224,7 +232,7 @@ def load_base(model: Classifier, folder: str | Path, rng: jax.Array) -> tuple[di
     allowed = new_allowed(family)
     fresh = _init_head(expected, allowed, model.config.backbone.initializer_range, jax.random.fold_in(rng, 1))
     merged = merge(expected, loaded, fresh, pooling_uses_pooler=model.config.pooling == HF_POOLING,
-                   allowed_new=allowed)
+                   allowed_new=allowed, report=report)
     new = tuple(sorted({p[:-1] for p in merged if p in fresh and merged[p] is fresh[p]}))
     variables = {"params": unflatten_dict({k: np.asarray(v, dtype=expected[k].dtype) for k, v in merged.items()})}
     variables = lora.add(variables, model.config.lora, jax.random.fold_in(rng, 2))

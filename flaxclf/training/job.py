@@ -126,7 +126,7 @@ def _setup_model(cfg: RunConfig, clock: timing.Clock, run_dir: Path, mesh, model
         # The base's weights come first: the adapter trains the head modules the base lacks, and a resumed run
         # takes its frozen weights from them.
         peft.with_lora(model, cfg.model.lora, ())  # its targets and rank checked before anything is read
-        host, new_head = weights.load_base(model, model_dir, jax.random.PRNGKey(cfg.train.seed))
+        host, new_head = weights.load_base(model, model_dir, jax.random.PRNGKey(cfg.train.seed), report=False)
         model = peft.with_lora(model, cfg.model.lora, new_head)
         host = jax.tree.map(np.asarray, lora.add(host, model.config.lora,
                                                  jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 2)))
@@ -179,6 +179,8 @@ def _setup_model(cfg: RunConfig, clock: timing.Clock, run_dir: Path, mesh, model
             state_s = compilation.structs(abstract, shardings)
             train_step.start((state_s, structs) for structs in batches.structs(total - start))
         if restored is None:
+            if base_sha256 is not None:  # a LoRA run: its base was read quietly, before it was known to start
+                weights.report_fresh_head(new_head)
             if host is None:
                 host = weights.load_params(model, model_dir, jax.random.PRNGKey(cfg.train.seed))
                 host = cast_floats(host, jnp.dtype(cfg.model.param_dtype))
