@@ -10,12 +10,14 @@ flaxclf trains and saves it too (DistilBERT's pre_classifier, DeBERTa's pooler, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
@@ -23,7 +25,7 @@ from flaxclf import assets
 from flaxclf.config import LoraConfig
 from flaxclf.hf import weights
 from flaxclf.hf.weights import HEAD, Path_, WeightsError
-from flaxclf.models.classifier import ClassifierConfig, make_classifier
+from flaxclf.models.classifier import ClassifierConfig, abstract_variables, make_classifier
 from flaxclf.models.interface import Classifier
 from flaxclf.nn import lora
 from flaxclf.nn.lora import LoraSpec
@@ -83,19 +85,22 @@ def resolve(cfg: LoraConfig, config: ClassifierConfig, abstract: dict, new_head:
     return LoraSpec(cfg.rank, float(cfg.alpha), float(cfg.dropout), tuple(sorted(set(chosen.values()))), save)
 
 
-def with_lora(model: Classifier, cfg: LoraConfig, new_head: tuple[Path_, ...]) -> Classifier:
+def with_lora(model: Classifier, cfg: LoraConfig, new_head: tuple[Path_, ...] = ()) -> Classifier:
     """`model` with the adapter model.lora describes (the same module without one when rank is null)."""
     if cfg.rank is None:
         return model
-    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), **_dummy())
-    spec = resolve(cfg, model.config, abstract, new_head)
+    spec = resolve(cfg, model.config, abstract_variables(model), new_head)
+    return _rebuilt(model, spec)
+
+
+def with_new_head(model: Classifier, new_head: tuple[Path_, ...]) -> Classifier:
+    """An adapted `model` that also trains (and saves) the head modules its base checkpoint lacks."""
+    spec = model.config.lora
+    return _rebuilt(model, dataclasses.replace(spec, save=tuple(sorted({*spec.save, *new_head}))))
+
+
+def _rebuilt(model: Classifier, spec: LoraSpec) -> Classifier:
     return make_classifier(model.config.replace(lora=spec), dtype=model.dtype, remat=model.remat, impl=model.impl)
-
-
-def _dummy() -> dict:
-    from flaxclf.models.classifier import dummy_inputs
-
-    return dummy_inputs()
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -204,7 +209,7 @@ def adapter_values(folder: str | Path, config: ClassifierConfig, abstract: dict)
     naming what differs."""
     cfg, tensors = read_adapter(folder)
     family = config.backbone.family
-    layers = {name: path for name, path in candidates(config, abstract).items()}
+    layers = candidates(config, abstract)
     params = flatten_dict(abstract["params"])
     values: dict[Path_, np.ndarray] = {}
     modules, save, problems = set(), set(), []
@@ -268,8 +273,6 @@ def load(folder: str | Path, base: str | None = None, dtype: Any = None, impl: s
          ) -> tuple[Classifier, dict, Path]:
     """(model, variables, base folder) of a peft LoRA folder on its base (adapter_config.json's
     base_model_name_or_path unless `base` is given): the base's weights, then the adapter's."""
-    import jax.numpy as jnp
-
     cfg, tensors = read_adapter(folder)
     base = base or cfg.get("base_model_name_or_path")
     if not base:
@@ -283,10 +286,10 @@ def load(folder: str | Path, base: str | None = None, dtype: Any = None, impl: s
             config = weights.classifier_config(base_dir, impl, num_labels=int(arr.shape[0]),
                                                **_written_labels(Path(folder), int(arr.shape[0])))
     plain = make_classifier(config, dtype=dtype or jnp.float32, impl=impl)
-    abstract = jax.eval_shape(plain.init, jax.random.PRNGKey(0), **_dummy())
-    spec, values = adapter_values(folder, config, abstract)
+    spec, values = adapter_values(folder, config, abstract_variables(plain))
     model = make_classifier(config.replace(lora=spec), dtype=dtype or jnp.float32, impl=impl)
-    variables = weights.load_params(model, base_dir, jax.random.PRNGKey(0))
+    # Quietly: the head the base lacks comes from the adapter, not fresh.
+    variables, _ = weights.load_base(model, base_dir, jax.random.PRNGKey(0), report=False)
     flat = flatten_dict(variables["params"])
     flat.update(values)
     return model, {**variables, "params": unflatten_dict(flat)}, base_dir

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -242,8 +243,6 @@ def load_base(model: Classifier, folder: str | Path, rng: jax.Array, report: boo
 def checkpoint_sha256(folder: str | Path) -> str:
     """One sha256 over a model folder's weight files (their names and bytes): what a LoRA run records of the base
     it adapts, so that a base whose weights changed is never silently used with its adapter."""
-    import hashlib
-
     folder = Path(folder)
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
     h = hashlib.sha256()

@@ -21,6 +21,7 @@ from flaxclf.nn.lora import LoraSpec
 from flaxclf.options import HF_POOLING
 from flaxclf.runtime import sharding
 from flaxclf.training.checkpoint import CHECKPOINTS, Checkpointer, CheckpointError, first_line
+from flaxclf.training.steps import place_frozen
 
 log = logging.getLogger("flaxclf")
 
@@ -81,10 +82,7 @@ def frozen_variables(model: Classifier, model_dir: Path, meta: dict, shardings: 
         raise CheckpointError(f"the weights in {model_dir} (model.name) are not those this LoRA run adapted (their "
                               "sha256 differs from the one the run recorded); point model.name at the base it was "
                               "trained on")
-    host = weights.load_params(model, model_dir, jax.random.PRNGKey(0))
-    from flaxclf.training.steps import place
-
-    return place(lora.split(host, spec)[1], lora.split(shardings, spec)[1])
+    return place_frozen(weights.load_params(model, model_dir, jax.random.PRNGKey(0)), shardings, spec)
 
 
 def load_params_for_inference(run_dir: str | Path, step: int | str | None = None,
@@ -141,7 +139,7 @@ def export_checkpoint(run_dir: str | Path, out_dir: str | Path, step: int | str 
             if model.config.pooling != HF_POOLING:
                 raise CheckpointError(f"pooling={model.config.pooling!r} has no PyTorch head for peft to load the "
                                       "adapter onto; export needs pooling=cls_pooler")
-            base = peft.base_reference(from_dict(meta["config"]).model.name, Path(meta["model_dir"]))
+            base = peft.base_reference(meta["model"], Path(meta["model_dir"]))
             out = peft.export_adapter(out, model.config, host, base)
         else:
             out = weights.export_hf(out, model.config.replace(lora=None), lora.merged(host, spec), meta["model_dir"])

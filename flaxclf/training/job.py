@@ -10,7 +10,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import multihost_utils
 
 from flaxclf import assets, data
@@ -20,7 +19,6 @@ from flaxclf.hf import config as hf_config
 from flaxclf.hf import peft, weights
 from flaxclf.models.classifier import ClassifierConfig, cast_floats, make_classifier
 from flaxclf.models.interface import Classifier
-from flaxclf.nn import lora
 from flaxclf.runtime import compilation, distributed, hostmem, sharding, timing
 from flaxclf.training import losses, metrics, rundir, stopping
 from flaxclf.training.checkpoint import CHECKPOINTS, UNREADABLE_SUFFIX, Checkpointer, CheckpointError, check_compatible
@@ -30,7 +28,7 @@ from flaxclf.training.steps import (
     abstract_state,
     compile_steps,
     create_state,
-    place,
+    place_frozen,
     saved,
     state_shardings,
     with_frozen,
@@ -125,11 +123,9 @@ def _setup_model(cfg: RunConfig, clock: timing.Clock, run_dir: Path, mesh, model
     if cfg.model.lora.rank is not None:
         # The base's weights come first: the adapter trains the head modules the base lacks, and a resumed run
         # takes its frozen weights from them.
-        peft.with_lora(model, cfg.model.lora, ())  # its targets and rank checked before anything is read
+        model = peft.with_lora(model, cfg.model.lora)  # its targets and rank checked before anything is read
         host, new_head = weights.load_base(model, model_dir, jax.random.PRNGKey(cfg.train.seed), report=False)
-        model = peft.with_lora(model, cfg.model.lora, new_head)
-        host = jax.tree.map(np.asarray, lora.add(host, model.config.lora,
-                                                 jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 2)))
+        model = peft.with_new_head(model, new_head)
         base_sha256 = weights.checkpoint_sha256(model_dir)
     _check_best_metric(cfg, model.config.problem_type, "validation" in splits)
     loss = losses.resolve(cfg.loss, model.config.problem_type, task.label_names, task.train_labels)
@@ -165,9 +161,7 @@ def _setup_model(cfg: RunConfig, clock: timing.Clock, run_dir: Path, mesh, model
         best, early = {"value": None, "step": None}, stopping.initial()
         if restored is not None:
             state, meta = restored
-            frozen_s = lora.split(shardings.params, model.config.lora)[1]
-            state = with_frozen(state, place(lora.split(host, model.config.lora)[1], frozen_s)
-                                     if host is not None else {})
+            state = with_frozen(state, place_frozen(host, shardings.params, model.config.lora))
             batches.restore(meta["data"])
             best = meta.get("best", best)
             early = meta.get("early_stopping", early)

@@ -166,10 +166,9 @@ def finish(job: Job, log: RunLog, clock: timing.Clock | None = None) -> dict:
         params, which = job.state.params, "final"
         best_step = job.ckpt.best_step()
         if job.cfg.train.export == "best" and best_step is not None and best_step != int(job.state.step):
-            spec = job.model.config.lora
-            params = lora.merge(job.ckpt.restore_params(best_step, lora.split(job.abstract.params, spec)[0],
-                                                        lora.split(job.shardings.params, spec)[0]),
-                                lora.split(job.state.params, spec)[1])
+            trained = job.ckpt.restore_params(best_step, saved(job.abstract, job.model).params,
+                                              saved(job.shardings, job.model).params)
+            params = lora.merge(trained, lora.split(job.state.params, job.model.config.lora)[1])
             which = f"best (step {best_step})"
     summary = {"run_dir": str(job.run_dir), "exported": which, "best": job.best, "steps": int(job.state.step),
                "early_stopped": job.early["stopped"], "loss": dataclasses.asdict(job.loss), "warnings": [],

@@ -49,6 +49,12 @@ def saved(state: TrainState, model: Classifier) -> TrainState:
     return state.replace(params=lora.split(state.params, model.config.lora)[0])
 
 
+def place_frozen(host: dict, shardings: Any, spec: lora.LoraSpec | None) -> dict:
+    """A LoRA model's frozen variables, from the host's whole tree (the base's, read again) onto their shardings;
+    an empty dict without LoRA."""
+    return {} if spec is None else place(lora.split(host, spec)[1], lora.split(shardings, spec)[1])
+
+
 def with_frozen(state: TrainState, frozen: dict) -> TrainState:
     """A restored checkpoint's state made whole with the frozen variables (an empty dict without LoRA)."""
     return state.replace(params=lora.merge(state.params, frozen))
