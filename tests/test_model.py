@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -268,3 +269,33 @@ def test_impl_hf_is_refused_by_the_command_under_the_installed_transformers_5(tm
         f"flaxclf train: error: model.impl=hf needs transformers 4.x (Flax was removed in v5.0) but {version} is "
         "installed; use model.impl=fast, or pip install 'transformers<5'"]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key", [jax.random.PRNGKey(0), jax.random.fold_in(jax.random.PRNGKey(7), 3),
+                                 jax.random.key(11)], ids=["raw", "folded", "typed"])
+def test_dropout_masks_are_jax_bernoulli_bit_for_bit_sharded_or_not(key):
+    """flaxclf.nn.dropout.bernoulli (the hash unrolled for XLA:CPU) draws jax.random.bernoulli's bits, on one
+    device and with the mask sharded over 8, and Dropout is nn.Dropout: the same output and gradient."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from flaxclf.nn.dropout import Dropout, bernoulli
+
+    for shape in [(), (5,), (3, 7), (8, 20, 16), (1, 1, 24, 24)]:
+        for p in (0.9, 0.5, 0.1, 0.0, 1.0):
+            want = np.asarray(jax.random.bernoulli(key, p, shape))
+            np.testing.assert_array_equal(np.asarray(jax.jit(bernoulli, static_argnums=2)(key, p, shape)), want)
+    mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    sharded = jax.jit(lambda k: bernoulli(k, 0.9, (8, 20, 16)), out_shardings=NamedSharding(mesh, P("a", None, "b")))
+    np.testing.assert_array_equal(np.asarray(sharded(key)), np.asarray(jax.random.bernoulli(key, 0.9, (8, 20, 16))))
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (4, 6, 8))
+    rngs = {"dropout": jax.random.PRNGKey(2)}
+    def out_and_grad(module):
+        def f(x):
+            return module.apply({}, x, deterministic=False, rngs=rngs)
+        return np.asarray(f(x)), np.asarray(jax.grad(lambda x: (f(x) ** 2).sum())(x))
+
+    for rate in (0.1, 0.5, 1.0):
+        for ours, theirs in zip(out_and_grad(Dropout(rate)), out_and_grad(nn.Dropout(rate)), strict=True):
+            np.testing.assert_array_equal(ours, theirs)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from flaxclf.nn.dropout import bernoulli
 from flaxclf.nn.matmul import mm
 
 COLLECTION = "lora"
@@ -61,7 +62,7 @@ def delta(x: jax.Array, a: jax.Array, b: jax.Array, consts: dict, dtype: Any, ke
     two), without a pass over the layer's output in each direction."""
     if key is not None and "dropout" in consts:
         rate = consts["dropout"]
-        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+        keep = bernoulli(key, 1.0 - rate, x.shape)
         x = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
     return mm(mm(x, a, dtype) * consts["scale"], b, dtype)
 

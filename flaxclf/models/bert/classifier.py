@@ -13,6 +13,7 @@ from flaxclf.models.bert.encoder import FastBertModule
 from flaxclf.models.bert.hf_flax import hf_flax_bert_module
 from flaxclf.nn import segments as packing
 from flaxclf.nn.activations import ACTIVATIONS
+from flaxclf.nn.dropout import Dropout
 from flaxclf.nn.pooling import pool
 from flaxclf.options import CLS_POOLINGS, HF_POOLING
 
@@ -60,7 +61,7 @@ class BertClassifier(nn.Module):
         if self.config.pooling == HF_POOLING:
             self.pooler = Pooler(spec.hidden_size, spec.initializer_range, dtype=self.dtype,
                                  activation=spec.family.head_activation)
-        self.dropout = nn.Dropout(rate=self.config.dropout_rate)
+        self.dropout = Dropout(rate=self.config.dropout_rate)
         init = jax.nn.initializers.normal(self.config.backbone.initializer_range)  # as HF's _init_weights
         self.classifier = nn.Dense(self.config.num_labels, dtype=self.dtype, kernel_init=init,
                                    bias_init=jax.nn.initializers.zeros)

@@ -40,7 +40,7 @@ from flaxclf.models.bert.spec import BertSpec
 from flaxclf.nn.activations import ACTIVATIONS
 from flaxclf.nn.attention import cls_attention
 from flaxclf.nn.dense import Dense
-from flaxclf.nn.dropout import RowDropout
+from flaxclf.nn.dropout import Dropout, bernoulli
 from flaxclf.nn.matmul import mm
 from flaxclf.nn.segments import first_positions, gather_rows, positions, same_segment
 
@@ -62,7 +62,7 @@ class Embeddings(nn.Module):
         if s.family.token_types:
             self.token_type_embeddings = nn.Embed(s.type_vocab_size, e, embedding_init=_normal(s))
         self.LayerNorm = nn.LayerNorm(epsilon=s.layer_norm_eps, dtype=jnp.float32)
-        self.dropout = nn.Dropout(rate=s.hidden_dropout_prob)
+        self.dropout = Dropout(rate=s.hidden_dropout_prob)
 
     def __call__(self, input_ids, token_type_ids, position_ids, deterministic: bool = True):
         x = self.word_embeddings(input_ids.astype("i4"))
@@ -104,7 +104,7 @@ class SelfAttention(nn.Module):
         if not deterministic and rate > 0.0:
             # flax's dot_product_attention_weights(broadcast_dropout=True): one [L, L] mask for all rows/heads;
             # the cls_only path takes its query rows, so both paths drop the same weights.
-            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, (1, 1, n, n))
+            keep = bernoulli(self.make_rng("dropout"), 1.0 - rate, (1, 1, n, n))
             keep = keep[:, :, :q.shape[2]] if at is None else keep[0, 0][at][:, None]
         if cls_only:
             bias_Bx1xQxL = bias_Bx1xQxL if at is None else jnp.take_along_axis(bias_Bx1xQxL, at[:, None, :, None],
@@ -139,7 +139,7 @@ class _DenseDropoutNorm(nn.Module):
         self.dense = Dense(self.in_features, s.hidden_size, _normal(s), dtype=self.dtype)
         self.LayerNorm = nn.LayerNorm(epsilon=s.layer_norm_eps, dtype=jnp.float32)
         # Named "dropout" as in transformers' modules: flax folds the module path into the mask's rng.
-        self.dropout = RowDropout(rate=s.hidden_dropout_prob if self.has_dropout else 0.0)
+        self.dropout = Dropout(rate=s.hidden_dropout_prob if self.has_dropout else 0.0)
 
     def __call__(self, x, residual, deterministic: bool = True, rows: int | None = None, at=None):
         return self.LayerNorm(self.dropout(self.dense(x), deterministic, rows, at) + residual)

@@ -14,6 +14,7 @@ from flaxclf.models.deberta.spec import DebertaV2Spec
 from flaxclf.nn import segments as packing
 from flaxclf.nn.activations import ACTIVATIONS
 from flaxclf.nn.dense import Dense
+from flaxclf.nn.dropout import Dropout
 from flaxclf.nn.pooling import pool
 from flaxclf.options import CLS_POOLINGS, HF_POOLING
 
@@ -29,7 +30,7 @@ class ContextPooler(nn.Module):
 
     def setup(self):
         s = self.spec
-        self.dropout = nn.Dropout(s.pooler_dropout)
+        self.dropout = Dropout(s.pooler_dropout)
         self.dense = Dense(s.hidden_size, s.hidden_size, jax.nn.initializers.normal(s.initializer_range),
                            dtype=self.dtype)
 
@@ -54,7 +55,7 @@ class DebertaV2Classifier(nn.Module):
         self.deberta = DebertaV2Model(s, self.dtype, self.remat)
         if self.config.pooling == HF_POOLING:
             self.pooler = ContextPooler(s, self.dtype)
-        self.dropout = nn.Dropout(self.config.dropout_rate)
+        self.dropout = Dropout(self.config.dropout_rate)
         self.classifier = Dense(s.hidden_size, self.config.num_labels,
                                 jax.nn.initializers.normal(s.initializer_range), dtype=self.dtype)
 

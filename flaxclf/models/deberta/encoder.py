@@ -36,6 +36,7 @@ from flaxclf.models.deberta.spec import DebertaV2Spec
 from flaxclf.nn.activations import ACTIVATIONS
 from flaxclf.nn.attention import NEG
 from flaxclf.nn.dense import Dense
+from flaxclf.nn.dropout import Dropout, bernoulli
 from flaxclf.nn.matmul import mm
 from flaxclf.nn.segments import positions, same_segment
 
@@ -74,7 +75,7 @@ class _Embeddings(nn.Module):
         if e != s.hidden_size:
             self.embed_proj = Dense(e, s.hidden_size, _normal(s), use_bias=False, dtype=self.dtype)
         self.LayerNorm = layer_norm(s)
-        self.dropout = nn.Dropout(s.hidden_dropout_prob)
+        self.dropout = Dropout(s.hidden_dropout_prob)
 
     def __call__(self, input_ids, token_type_ids, position_ids, real_BxL, deterministic: bool = True):
         s = self.spec
@@ -107,7 +108,7 @@ class _SelfAttention(nn.Module):
                 self.pos_key_proj = Dense(d, d, _normal(s), dtype=self.dtype)
             if "p2c" in s.pos_att_type:
                 self.pos_query_proj = Dense(d, d, _normal(s), dtype=self.dtype)
-        self.pos_dropout = nn.Dropout(s.hidden_dropout_prob)
+        self.pos_dropout = Dropout(s.hidden_dropout_prob)
 
     def __call__(self, x_BxLxD, bias_Bx1xQxL, rel_2kxD, deterministic: bool = True):
         s, dt = self.spec, self.dtype
@@ -140,7 +141,7 @@ class _SelfAttention(nn.Module):
         if deterministic or rate == 0.0:
             ctx = mm(e, v, dt) / e.sum(-1, keepdims=True)
         else:  # one [L, L] mask for every row and head, as flax's broadcast_dropout
-            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, (1, 1, n, n))
+            keep = bernoulli(self.make_rng("dropout"), 1.0 - rate, (1, 1, n, n))
             ctx = mm(e * keep.astype(e.dtype), v, dt) / (e.sum(-1, keepdims=True) * (1.0 - rate))
         return jnp.swapaxes(ctx, 1, 2).reshape(b, n, d)
 
@@ -156,7 +157,7 @@ class _DenseDropoutNorm(nn.Module):
         s = self.spec
         self.dense = Dense(self.in_features, s.hidden_size, _normal(s), dtype=self.dtype)
         self.LayerNorm = layer_norm(s)
-        self.dropout = nn.Dropout(s.hidden_dropout_prob)
+        self.dropout = Dropout(s.hidden_dropout_prob)
 
     def __call__(self, x, residual, deterministic: bool = True):
         return self.LayerNorm(self.dropout(self.dense(x), deterministic=deterministic) + residual)

@@ -12,6 +12,7 @@ from flaxclf.models.modernbert.encoder import ModernBertModel, dense, norm, std_
 from flaxclf.models.modernbert.spec import AttentionImpl, ModernBertSpec
 from flaxclf.nn import segments as packing
 from flaxclf.nn.activations import ACTIVATIONS
+from flaxclf.nn.dropout import Dropout
 from flaxclf.nn.pooling import pool
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class ModernBertClassifier(nn.Module):
         s = self.config.backbone
         self.model = ModernBertModel(s, self.dtype, self.attention, self.remat)
         self.head = _Head(s, self.dtype)
-        self.drop = nn.Dropout(self.config.dropout_rate)
+        self.drop = Dropout(self.config.dropout_rate)
         self.classifier = dense(s, s.hidden_size, self.config.num_labels, True, s.hidden_size ** -0.5, self.dtype)
 
     def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic: bool = True,

@@ -40,6 +40,7 @@ from flaxclf.nn import lora
 from flaxclf.nn.activations import ACTIVATIONS
 from flaxclf.nn.attention import banded_local_attention, chunked_attention, dense_attention
 from flaxclf.nn.dense import Dense
+from flaxclf.nn.dropout import Dropout
 from flaxclf.nn.rotary import rotary
 from flaxclf.nn.segments import positions
 
@@ -77,7 +78,7 @@ class _Embeddings(nn.Module):
         self.tok_embeddings = nn.Embed(s.vocab_size, s.hidden_size,
                                        embedding_init=_trunc_normal(s, s.initializer_range))
         self.norm = norm(s)
-        self.drop = nn.Dropout(s.embedding_dropout)
+        self.drop = Dropout(s.embedding_dropout)
 
     def __call__(self, input_ids, deterministic: bool = True):
         x = self.tok_embeddings(input_ids.astype(jnp.int32))
@@ -96,8 +97,8 @@ class _Attention(nn.Module):
         s = self.spec
         self.Wqkv = dense(s, s.hidden_size, 3 * s.hidden_size, s.attention_bias, s.initializer_range, self.dtype)
         self.Wo = dense(s, s.hidden_size, s.hidden_size, s.attention_bias, std_out(s), self.dtype)
-        self.attn_drop = nn.Dropout(s.attention_dropout)  # on the probabilities
-        self.out_drop = nn.Dropout(s.attention_dropout)  # on Wo's output (HF: only when the rate is > 0)
+        self.attn_drop = Dropout(s.attention_dropout)  # on the probabilities
+        self.out_drop = Dropout(s.attention_dropout)  # on Wo's output (HF: only when the rate is > 0)
 
     def __call__(self, x_BxLxD, mask_BxL, deterministic: bool = True, pos_BxL=None):
         """`mask`: the 0/1 key mask, or with `pos` (each token's position in its text) a packed row's segment
@@ -133,7 +134,7 @@ class _MLP(nn.Module):
         s = self.spec
         self.Wi = dense(s, s.hidden_size, 2 * s.intermediate_size, s.mlp_bias, s.initializer_range, self.dtype)
         self.Wo = dense(s, s.intermediate_size, s.hidden_size, s.mlp_bias, std_out(s), self.dtype)
-        self.drop = nn.Dropout(s.mlp_dropout)
+        self.drop = Dropout(s.mlp_dropout)
 
     def __call__(self, x, deterministic: bool = True):
         inp, gate = jnp.split(self.Wi(x), 2, axis=-1)
