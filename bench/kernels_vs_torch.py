@@ -1,5 +1,6 @@
 """The kernels behind bench/README.md section 1, side by side with torch: raw matmuls at MiniLM's shapes (fp32,
-and bf16 returning bf16 or fp32) and one attention block in three formulations.
+and bf16 returning bf16 or fp32), one attention block in three formulations, and dropout on a hidden state
+(bench/README.md section 8, "Dropout masks").
 
     .venv/bin/python bench/kernels_vs_torch.py
 
@@ -81,6 +82,28 @@ def attention(batch: int, reps: int, heads: int = 12, length: int = 128, dh: int
     return {"batch": batch, "heads": heads, "length": length, "head_dim": dh, "ms": out}
 
 
+def dropout(shape: tuple[int, ...], reps: int, rate: float = 0.1) -> dict:
+    """Dropout of a [B, L, D] hidden state in training: the mask of jax.random.bernoulli (JAX's CPU lowering of
+    the Threefry hash) and of flaxclf.nn.dropout.bernoulli (the same bits, the hash unrolled), applied as
+    flaxclf.nn.dropout.Dropout applies it; torch's F.dropout."""
+    from flaxclf.nn.dropout import bernoulli
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(shape, np.float32))
+    key = jax.random.PRNGKey(0)
+
+    def apply(draw):
+        return jax.jit(lambda k, x: jax.lax.select(draw(k, 1.0 - rate, x.shape), x / (1.0 - rate), jnp.zeros_like(x)))
+    out = {}
+    for name, draw in (("jax_random_bernoulli", jax.random.bernoulli), ("flaxclf_bernoulli", bernoulli)):
+        g = apply(draw)
+        out[name] = round(1e3 * median_s(lambda g=g: g(key, x).block_until_ready(), reps), 2)
+    tx = torch.from_numpy(np.asarray(x))
+    out["torch_dropout"] = round(1e3 * median_s(lambda: torch.nn.functional.dropout(tx, rate, training=True), reps), 2)
+    same = bool((np.asarray(jax.random.bernoulli(key, 1.0 - rate, shape))
+                 == np.asarray(jax.jit(bernoulli, static_argnums=2)(key, 1.0 - rate, shape))).all())
+    return {"shape": list(shape), "rate": rate, "ms": out, "same_mask": same}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=10)
@@ -90,6 +113,8 @@ def main() -> None:
         print(json.dumps({"matmul_gflop_s": row}))
     for batch in (32, 64):
         print(json.dumps({"attention": attention(batch, a.reps)}))
+    for shape in ((32, 128, 768), (32, 128, 384), (32, 40, 384)):  # BERT-base, MiniLM, MiniLM at the job's lengths
+        print(json.dumps({"dropout": dropout(shape, a.reps)}))
 
 
 if __name__ == "__main__":

@@ -31,10 +31,14 @@ def bernoulli(key: jax.Array, p: float | jax.Array, shape: tuple[int, ...]) -> j
     """jax.random.bernoulli(key, p, shape), bit for bit (threefry keys, partitionable threefry: JAX's default).
 
     Why not jax.random.bernoulli itself: on CPU, JAX lowers the hash as a loop of five steps, each a pass over
-    [shape]-sized arrays, and a BERT-base hidden-state mask ([32, 128, 768]) then takes ~40 ms, 35 times an
-    elementwise pass over the same array; unrolled, XLA fuses the hash, the float conversion and the comparison
-    into one pass (~3 ms; bench/README.md, "Dropout masks"). The counters are each element's flat index, built
-    from one iota per dimension, so a sharded mask is the same as an unsharded one, as with JAX's.
+    [shape]-sized arrays, and a BERT-base hidden-state mask ([32, 128, 768]) then takes ~40 ms, 15 times this
+    function, whose unrolled hash XLA fuses with the float conversion and the comparison into one pass
+    (bench/README.md section 8, "Dropout masks"). The counters are each element's flat index, built from one iota
+    per dimension, so a sharded mask is the same as an unsharded one, as with JAX's.
+
+    XLA fuses the hash into the mask's consumers, where it is recomputed (a train step recomputes a mask in the
+    backward pass rather than keep it): draw a mask of the shape it drops, never one that is broadcast (attention's
+    [1, 1, L, L] mask over batch and heads takes jax.random.bernoulli, whose loop's result is kept).
     """
     size = math.prod(shape)
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):

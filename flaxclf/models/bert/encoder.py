@@ -40,7 +40,7 @@ from flaxclf.models.bert.spec import BertSpec
 from flaxclf.nn.activations import ACTIVATIONS
 from flaxclf.nn.attention import cls_attention
 from flaxclf.nn.dense import Dense
-from flaxclf.nn.dropout import Dropout, bernoulli
+from flaxclf.nn.dropout import Dropout
 from flaxclf.nn.matmul import mm
 from flaxclf.nn.segments import first_positions, gather_rows, positions, same_segment
 
@@ -104,7 +104,7 @@ class SelfAttention(nn.Module):
         if not deterministic and rate > 0.0:
             # flax's dot_product_attention_weights(broadcast_dropout=True): one [L, L] mask for all rows/heads;
             # the cls_only path takes its query rows, so both paths drop the same weights.
-            keep = bernoulli(self.make_rng("dropout"), 1.0 - rate, (1, 1, n, n))
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, (1, 1, n, n))
             keep = keep[:, :, :q.shape[2]] if at is None else keep[0, 0][at][:, None]
         if cls_only:
             bias_Bx1xQxL = bias_Bx1xQxL if at is None else jnp.take_along_axis(bias_Bx1xQxL, at[:, None, :, None],

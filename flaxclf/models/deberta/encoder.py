@@ -36,7 +36,7 @@ from flaxclf.models.deberta.spec import DebertaV2Spec
 from flaxclf.nn.activations import ACTIVATIONS
 from flaxclf.nn.attention import NEG
 from flaxclf.nn.dense import Dense
-from flaxclf.nn.dropout import Dropout, bernoulli
+from flaxclf.nn.dropout import Dropout
 from flaxclf.nn.matmul import mm
 from flaxclf.nn.segments import positions, same_segment
 
@@ -141,7 +141,7 @@ class _SelfAttention(nn.Module):
         if deterministic or rate == 0.0:
             ctx = mm(e, v, dt) / e.sum(-1, keepdims=True)
         else:  # one [L, L] mask for every row and head, as flax's broadcast_dropout
-            keep = bernoulli(self.make_rng("dropout"), 1.0 - rate, (1, 1, n, n))
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, (1, 1, n, n))
             ctx = mm(e * keep.astype(e.dtype), v, dt) / (e.sum(-1, keepdims=True) * (1.0 - rate))
         return jnp.swapaxes(ctx, 1, 2).reshape(b, n, d)
 
