@@ -10,9 +10,9 @@ padding (each batch padded to its own longest row), as Trainer + DataCollatorWit
                       (transformers' get_length_grouped_indices, for training and evaluation), fp32
   torch_grouped_bf16  the same under torch.autocast("cpu", torch.bfloat16), as Trainer's bf16=True runs it
 and four flaxclf runs of the real `flaxclf train` command, each into a fresh run directory:
-  flaxclf             configs/default.yaml (fp32, length buckets), with an empty compilation cache
+  flaxclf             configs/default.yaml (fp32, packed rows), with an empty compilation cache
   flaxclf_second      the same command again: its executables come from the cache the first run filled
-  flaxclf_packed      the same with data.packing=on (packed rows; its shapes are its own: compiled afresh)
+  flaxclf_bucketed    the same with data.packing=off (length buckets; its shapes are its own: compiled afresh)
   flaxclf_bf16        configs/cpu-bf16.yaml (its own shapes and dtypes: compiled afresh)
 
     .venv/bin/python bench/finetune_vs_torch.py                  # every system, then the ratios
@@ -35,11 +35,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SYSTEMS = ("flaxclf", "flaxclf_second", "flaxclf_packed", "flaxclf_bf16", "torch_grouped", "torch_grouped_bf16",
+SYSTEMS = ("flaxclf", "flaxclf_second", "flaxclf_bucketed", "flaxclf_bf16", "torch_grouped", "torch_grouped_bf16",
            "torch")
 FLAXCLF_CONFIG = {"flaxclf": "configs/default.yaml", "flaxclf_second": "configs/default.yaml",
-                  "flaxclf_packed": "configs/default.yaml", "flaxclf_bf16": "configs/cpu-bf16.yaml"}
-FLAXCLF_OVERRIDES = {"flaxclf_packed": ["data.packing=on"]}
+                  "flaxclf_bucketed": "configs/default.yaml", "flaxclf_bf16": "configs/cpu-bf16.yaml"}
+FLAXCLF_OVERRIDES = {"flaxclf_bucketed": ["data.packing=off"]}
 
 
 def _splits(cfg):
@@ -162,7 +162,7 @@ def run_flaxclf(name: str, config: str, overrides: list[str], work: Path) -> dic
     out = _timed_process(name, cmd)
     summary = json.loads((run_dir / "summary.json").read_text())
     out.update({"validation": summary["validation"], "test": summary["test"], "steps": summary["steps"],
-                "time": summary["time"], "batches": summary["batches"]})
+                "time": summary["time"], "batches": summary["batches"], "host_memory": summary.get("host_memory")})
     return out
 
 
@@ -186,8 +186,8 @@ def ratios(r: dict) -> dict:
     """Wall-time, accuracy and memory ratios of each flaxclf run against its reference."""
     out = {}
     pairs = [("flaxclf", "torch_grouped"), ("flaxclf_bf16", "torch_grouped_bf16"), ("flaxclf", "torch"),
-             ("flaxclf_second", "torch_grouped"), ("flaxclf_packed", "torch_grouped"),
-             ("flaxclf", "flaxclf_packed")]
+             ("flaxclf_second", "torch_grouped"), ("flaxclf_bucketed", "torch_grouped"),
+             ("flaxclf", "flaxclf_bucketed")]
     for f, t in pairs:
         if f in r and t in r:
             out[f"{f}/{t}"] = {"wall": round(r[f]["wall_s"] / r[t]["wall_s"], 3),

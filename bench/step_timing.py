@@ -27,8 +27,8 @@ def batch(rows: int, length: int, vocab: int, num_labels: int) -> dict:
 
 def flaxclf_call(model, what: str, b: dict, decays: Callable[[str], bool]) -> tuple[Callable[[], None], int]:
     """The job's jitted train step (flaxclf.training.steps.compile_steps on one device: dropout, forward, backward,
-    clipping 1.0, masked AdamW) or eval step on `b`, with freed memory kept and the heap capped as the flaxclf
-    command does; returns a call and the step's XLA temporaries in bytes."""
+    clipping 1.0, masked AdamW) or eval step on `b`, with the heap capped as the flaxclf command caps it (and,
+    under timed(), freed memory kept); returns a call and the step's XLA temporaries in bytes."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -40,7 +40,6 @@ def flaxclf_call(model, what: str, b: dict, decays: Callable[[str], bool]) -> tu
     from flaxclf.training import steps
     from flaxclf.training.optim import make_optimizer
 
-    hostmem.keep_freed_memory()  # as the flaxclf command runs
     params = jax.device_get(init_params(model, jax.random.PRNGKey(0)))
     mesh = sharding.make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
     tx = make_optimizer(OptimConfig(learning_rate=5e-5, weight_decay=0.01, max_grad_norm=1.0), 10_000, decays)
@@ -68,14 +67,12 @@ def flaxclf_call(model, what: str, b: dict, decays: Callable[[str], bool]) -> tu
 
 
 def torch_call(build: Callable[[], object], what: str, b: dict, no_decay: Callable[[str], bool]):
-    """The model build() makes (seed 0, after freed memory is kept as the flaxclf command keeps it) and its train
-    step (AdamW lr 5e-5, weight decay 0.01 but where no_decay(name), clip_grad_norm_(1.0)) or inference under
-    torch.inference_mode() on `b`'s input_ids, attention_mask (and labels); returns (model, call)."""
+    """The model build() makes (seed 0) and its train step (AdamW lr 5e-5, weight decay 0.01 but where
+    no_decay(name), clip_grad_norm_(1.0)) or inference under torch.inference_mode() on `b`'s input_ids,
+    attention_mask (and labels); returns (model, call). Under timed(), freed memory is kept as the flaxclf command
+    keeps it."""
     import torch
 
-    from flaxclf.runtime import hostmem
-
-    hostmem.keep_freed_memory()
     torch.manual_seed(0)
     model = build()
     tb = {k: torch.tensor(v).long() for k, v in b.items() if k in ("input_ids", "attention_mask", "labels")}
@@ -103,7 +100,12 @@ def torch_call(build: Callable[[], object], what: str, b: dict, no_decay: Callab
 
 def timed(make: Callable[[], tuple[Callable[[], None], dict]], reps: int) -> tuple[float, dict]:
     """make() -> (call, info); a warm-up call (flaxclf compiles in it), then `reps` timed calls. Returns the median
-    (of two: the slower) and info with it and the set-up's seconds."""
+    (of two: the slower) and info with it and the set-up's seconds. Freed memory is kept first, as the flaxclf
+    command keeps it: a thread that malloc'd before that (XLA's, once make() computes) maps its big blocks afresh,
+    and every call would page-fault its temporaries again."""
+    from flaxclf.runtime import hostmem
+
+    hostmem.keep_freed_memory()
     start = time.perf_counter()
     call, info = make()
     call()

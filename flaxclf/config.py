@@ -77,9 +77,9 @@ class DataConfig:
     max_length: int = 128
     # Several texts share each row of max_length tokens, told apart by segment ids; each text's outputs are those it
     # has alone (README, "Packing"). on: pads least and compiles at most packing_shapes train steps (one static
-    # shape with packing_shapes=1, as a TPU wants); off: each batch pads its texts to a length bucket, which ran the
-    # main job 1.16x faster on a 2-core CPU (bench/README.md, "Packing"): off is the default.
-    packing: Literal["on", "off"] = "off"
+    # shape with packing_shapes=1, as a TPU wants); off: each batch pads its texts to a length bucket. on ran the main
+    # job in 0.85x the wall time of off on a 2-core CPU (bench/README.md, section 2c): on is the default.
+    packing: Literal["on", "off"] = "on"
     packing_shapes: int = 4  # packing: the most row counts a run's train steps take; 1 = one static shape (TPU)
     # Padded lengths of unpacked batches; each batch pads to the smallest bucket that holds its longest row.
     buckets: list[int] = field(default_factory=lambda: [16, 24, 32, 40, 48, 64, 128])
@@ -152,7 +152,8 @@ class TrainConfig:
     compilation_cache_dir: str | None = None
     # The flaxclf command keeps the memory XLA frees for reuse (flaxclf.runtime.hostmem); above this many GB of resident
     # memory the kept heap's free pages go back to the kernel. null: one step's working set (the memory held once
-    # the steps are compiled plus 1.25 x the largest step's temporaries); 0: never (the heap only grows).
+    # the steps are compiled plus 1.25 x the largest step's temporaries); 0: never (the heap only grows). Either
+    # cap rises where a trim shows a step needs more (hostmem.HeapCap).
     host_memory_cap_gb: float | None = None
 
 

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from flaxclf.runtime import hostmem
+
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's malloc's")
 
 # Twelve calls of a jitted function with ~200 MB of temporaries (three unfused cumsums of a 64 MB array); the
@@ -86,3 +88,28 @@ def test_the_cap_gives_a_freed_hole_back_and_nothing_else_does(capped):
         assert r["trims"] >= 1 and r["after"] - r["base"] < 100 * mb
     else:
         assert r["after"] - r["base"] > 390 * mb
+
+
+def test_a_cap_inside_a_steps_working_set_rises_above_it_and_trims_are_spaced():
+    """Trims that give back what the running step faults in again (the resident memory stays within the margin
+    of the cap) raise the cap above the working set, and it trims no more; trims that give back holes (the heap
+    grown by fragmentation) keep the cap where it is, and come at least `spacing` seconds apart unless the heap
+    has grown past the margin above the cap."""
+    gb, margin = 10**9, 256 * 2**20
+    thrash = hostmem.HeapCap(2 * gb, margin=margin, spacing=0.0)
+    for step in range(5):  # each step: 2.3 GB resident, 1.9 GB of it in use
+        thrash.look(int(2.3 * gb), trim=lambda: int(1.9 * gb), now=step)
+    assert (thrash.trims, thrash.raises, thrash.limit, thrash.start_limit) == (1, 1, int(2.3 * gb) + margin, 2 * gb)
+
+    holes = hostmem.HeapCap(2 * gb, margin=margin, spacing=10.0)
+    # a look every 3 s; the heap grows with holes, and each trim gives 1.1 GB back: within the margin above the
+    # limit (2.2 GB) trims wait 10 s for the last, past it (2.3, 2.4 GB) they come at once
+    for step, resident in enumerate((1.5, 2.2, 2.1, 2.2, 2.3, 1.9, 2.2, 2.1, 2.4)):
+        holes.look(int(resident * gb), trim=lambda resident=resident: int((resident - 1.1) * gb), now=3.0 * step)
+    assert (holes.trims, holes.raises, holes.limit) == (3, 0, 2 * gb)  # at 3 s, 12 s and 24 s
+
+    big = hostmem.HeapCap(2 * gb, margin=margin, spacing=0.0)  # a step's own memory is above the cap
+    for step in range(3):
+        big.look(3 * gb, trim=lambda: int(2.95 * gb), now=step)
+    assert (big.trims, big.raises, big.limit) == (1, 1, 3 * gb + margin)
+    big.stop()  # never started: nothing to stop

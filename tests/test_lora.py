@@ -239,7 +239,7 @@ def test_bad_lora_settings_are_refused_in_one_line():
         with pytest.raises(ConfigError, match=f"model.lora.rank: {value} {words}"):
             load_config(None, [f"model.lora.rank={value}"])
     with pytest.raises(ConfigError, match="model.impl=hf"):
-        load_config(None, ["model.lora.rank=4", "model.impl=hf"])
+        load_config(None, ["model.lora.rank=4", "model.impl=hf", "data.packing=off"])
 
 
 def test_an_adapter_made_for_another_model_is_refused_naming_what_differs(tmp_path):

@@ -242,7 +242,8 @@ def test_packing_with_transformers_flax_backbone_is_refused_in_one_line():
             pytest.skip(hf_flax_problem())
         load_config(None, ["model.impl=hf", "data.packing=on"])
     assert "\n" not in str(e.value)
-    assert load_config(None, ["model.impl=hf"]).data.packing == "off"  # the default
+    assert load_config(None, ["model.impl=hf", "data.packing=off"]).data.packing == "off"
+    assert load_config(None, []).data.packing == "on"  # the default
 
 
 
@@ -253,6 +254,6 @@ def test_a_resume_with_packing_changed_is_refused_and_older_checkpoints_count_as
     before_packing = RunConfig().to_dict()
     del before_packing["data"]["packing"], before_packing["data"]["packing_shapes"]
     assert resume_changes(before_packing, load_config(None, ["data.packing=on"])) == ["data.packing: off -> on"]
-    assert resume_changes(before_packing, RunConfig()) == []  # off, the default
+    assert resume_changes(before_packing, load_config(None, ["data.packing=off"])) == []
     packed = load_config(None, ["data.packing=on"])
     assert resume_changes(packed.to_dict(), load_config(None, ["data.packing=on", "data.packing_shapes=1"])) == []

@@ -15,6 +15,7 @@ import ctypes
 import os
 import platform
 import threading
+import time
 
 # mallopt(3) parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -73,42 +74,66 @@ def held_bytes() -> int | None:
 
 class HeapCap:
     """Gives the kept heap's free pages back to the kernel (malloc_trim) whenever the resident memory passes
-    `limit` bytes, checked every `every` seconds on a thread of its own. When what is in use is itself above the
-    limit (a trim gives back too little), the next trim waits until another `margin` bytes are resident, so
-    that a big step is not trimmed over and over for nothing.
+    `limit` bytes, checked every `every` seconds on a thread of its own (start()).
 
     Why: a heap that is never trimmed only grows. XLA:CPU's per-call temporaries differ with each bucket's
     shape, small long-lived blocks land in the holes that big ones leave, and the next big block no longer fits
     in any hole, and the heap grows to a multiple of what it holds (bench/README.md). Trimming above a cap
-    that holds one step's working set bounds that, and costs a step its page faults only on the rare trims."""
+    that holds one step's working set bounds that, and costs a step its page faults only on the rare trims.
 
-    def __init__(self, limit: int, every: float = 0.2, margin: int = 256 * 2**20):
-        self.limit, self.every, self.margin, self.trims = int(limit), every, margin, 0
+    A trim that leaves the resident memory within `margin` of the limit gave back little more than the pages
+    the running step is about to fault in again: the limit sits inside a step's working set, where it would
+    trim (and page-fault) every step. Such a trim raises the limit to the resident memory that set it off
+    plus `margin`, so that the cap settles above the working set after a trim or two.
+
+    Trims are at least `spacing` seconds apart while the resident memory stays within `margin` above the limit.
+    A job whose steps take a few shapes moves their blocks around the heap: a trim gives back holes that the next
+    steps' blocks fault in again, and trimming whenever the limit was passed cost the packed main job a trim every
+    2 s (bench/README.md, "Host memory"). A heap that grows further (the buckets' fragmentation) is trimmed at once."""
+
+    def __init__(self, limit: int, every: float = 0.2, margin: int = 256 * 2**20, spacing: float = 10.0):
+        self.limit, self.every, self.margin, self.spacing = int(limit), every, margin, spacing
+        self.start_limit, self.trims, self.raises = self.limit, 0, 0
+        self._last = float("-inf")  # when the last trim was (time.monotonic())
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="flaxclf-heap-cap", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
 
-    def _watch(self) -> None:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-        floor = 0  # resident bytes after the last trim, while those stay above the limit
-        while not self._stop.wait(self.every):
-            resident = resident_bytes()
-            if resident <= self.limit:
-                floor = 0
-            elif resident > floor + self.margin:
-                trim(0)
-                self.trims += 1
-                floor = resident_bytes()
+    def look(self, resident: int, trim, now: float) -> None:
+        """One look at `resident` bytes at time `now` (seconds); trim() gives the heap's free pages back and
+        returns the resident bytes after it."""
+        if resident <= self.limit or (resident <= self.limit + self.margin and now - self._last < self.spacing):
+            return
+        after = trim()
+        self.trims, self._last = self.trims + 1, now
+        if after > self.limit - self.margin:
+            self.limit = resident + self.margin
+            self.raises += 1
+
+    def start(self) -> HeapCap:
+        malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+
+        def trim() -> int:
+            malloc_trim(0)
+            return resident_bytes()
+
+        def watch() -> None:
+            while not self._stop.wait(self.every):
+                self.look(resident_bytes(), trim, time.monotonic())
+
+        self._thread = threading.Thread(target=watch, name="flaxclf-heap-cap", daemon=True)
+        self._thread.start()
+        return self
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def cap_heap(limit: int) -> HeapCap | None:
-    """A HeapCap at `limit` bytes where keep_freed_memory() took effect (elsewhere malloc returns big blocks by
-    itself), and limit > 0."""
-    return HeapCap(limit) if _kept and limit > 0 else None
+    """A started HeapCap at `limit` bytes where keep_freed_memory() took effect (elsewhere malloc returns big
+    blocks by itself), and limit > 0."""
+    return HeapCap(limit).start() if _kept and limit > 0 else None
 
 
 def cap_heap_at_working_set(step_temp_bytes: int) -> HeapCap | None:

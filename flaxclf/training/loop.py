@@ -237,7 +237,8 @@ def run(cfg: RunConfig, show_progress: bool = True, clock: timing.Clock | None =
             job.batches.close()
             job.ckpt.close()
     if cap is not None:
-        summary["host_memory"] = {"cap_gb": round(cap.limit / 1e9, 3), "trims": cap.trims}
+        summary["host_memory"] = {"cap_gb": round(cap.start_limit / 1e9, 3), "trims": cap.trims,
+                                  "raises": cap.raises, "final_cap_gb": round(cap.limit / 1e9, 3)}
     if jax.process_index() == 0:
         with clock.phase("plots"):
             summary["plots"] = _draw_plots(job.run_dir, log)
