@@ -16,6 +16,7 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Callable
 
 # mallopt(3) parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -98,7 +99,7 @@ class HeapCap:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def look(self, resident: int, trim, now: float) -> None:
+    def look(self, resident: int, trim: Callable[[], int], now: float) -> None:
         """One look at `resident` bytes at time `now` (seconds); trim() gives the heap's free pages back and
         returns the resident bytes after it."""
         if resident <= self.limit or (resident <= self.limit + self.margin and now - self._last < self.spacing):
