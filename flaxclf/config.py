@@ -82,6 +82,9 @@ class DataConfig:
     # 2c): on is the default.
     packing: Literal["on", "off"] = "on"
     packing_shapes: int = 4  # packing: the most row counts a run's train steps take; 1 = one static shape (TPU)
+    # packing: a row's tokens; null: the split's longest text rounded up to a multiple of 16 (at most max_length),
+    # since every token's attention spans its row. Set it (>= the longest text) for one row length whatever the data.
+    packing_length: int | None = None
     # Padded lengths of unpacked batches; each batch pads to the smallest bucket that holds its longest row.
     buckets: list[int] = field(default_factory=lambda: [16, 24, 32, 40, 48, 64, 128])
     empty_text: Literal["error", "skip"] = "error"
@@ -353,6 +356,9 @@ def validate(cfg: RunConfig) -> None:
            f"data.buckets: {d.buckets} must be a non-empty list of positive lengths")
     _check(d.prefetch >= 0, f"data.prefetch: {d.prefetch} must be >= 0")
     _check(d.packing_shapes >= 1, f"data.packing_shapes: {d.packing_shapes} must be >= 1")
+    _check(d.packing_length is None or 1 <= d.packing_length <= d.max_length,
+           f"data.packing_length: {d.packing_length} must be in [1, data.max_length {d.max_length}], or null to fit "
+           "the rows to the texts")
     _check(d.stride >= 0, f"data.stride: {d.stride} must be >= 0")
     _check(d.head_tokens is None or d.head_tokens >= 0, f"data.head_tokens: {d.head_tokens} must be >= 0 or null")
     _check(d.long_text == "truncate" or d.text_pair_column is None,

@@ -158,6 +158,21 @@ def test_best_fit_decreasing_places_every_text_once_within_a_row():
         packing.pack([3, 9], 8)
 
 
+def test_a_row_fits_the_longest_text_unless_data_packing_length_fixes_it():
+    from flaxclf.config import ConfigError, load_config
+
+    assert [packing.row_length(n, 128, None, "train") for n in (1, 16, 17, 79, 120, 128)] == [16, 16, 32, 80, 128, 128]
+    assert packing.row_length(79, 128, 100, "train") == 100  # set: kept, whatever the data
+    with pytest.raises(data.DataError) as e:
+        packing.row_length(79, 128, 64, "train")
+    assert str(e.value) == ("the train split has a text of 79 tokens, longer than a packed row of data.packing_length "
+                            "64; raise data.packing_length to 79 or more, or set it to null to fit the rows to the "
+                            "texts")
+    with pytest.raises(ConfigError, match=r"^data.packing_length: 200 must be in \[1, data.max_length 128\], or null"):
+        load_config(None, ["data.packing_length=200"])
+    assert load_config(None, ["data.packing_length=96"]).data.packing_length == 96
+
+
 def test_the_row_counts_chosen_pad_the_fewest_rows():
     rng = np.random.default_rng(1)
     for _ in range(30):
@@ -188,10 +203,11 @@ def test_packed_batches_hold_the_texts_of_unpacked_batches_with_one_bucket(rt128
     packed = data.TrainBatches(split, 32, [16, 32], seed=0, sharding=None, prefetch=0, packing_shapes=4)
     packed.plan_packing(2 * packed.steps_per_epoch)
     plain = data.TrainBatches(split, 32, [split.max_length], seed=0, sharding=None, prefetch=0)
+    assert split.lengths.max() == 79 and packed.row_length == 80  # the longest text, rounded up to 16s
     for step in range(packed.steps_per_epoch + 3):  # into the second epoch
         a, b = next(packed), next(plain)
         filled = a["weight"] > 0
-        assert filled.sum() == 32 and a["input_ids"].shape == (a["weight"].shape[0], 128)
+        assert filled.sum() == 32 and a["input_ids"].shape == (a["weight"].shape[0], 80)
         assert a["weight"].shape[0] in packed.lengths(2 * packed.steps_per_epoch)
         # Each text slot's tokens and token types are the text's own, in order; segments are contiguous runs.
         texts = []
@@ -224,11 +240,12 @@ def test_the_main_job_pads_at_most_a_tenth_in_four_train_shapes_and_one_eval_sha
 
 def test_packed_evaluation_sees_every_text_once(rt128):
     split = rt128["validation"]
-    rows, segments, plan = data.packed_eval_plan(split, 64, None)
+    rows, segments, plan, length = data.packed_eval_plan(split, 64, None)
     seen = np.concatenate([s[s >= 0] for s in plan])
     assert sorted(seen.tolist()) == list(range(len(split)))
+    assert split.lengths.max() == 63 and length == 64  # this split's own longest text, rounded up
     batches = list(data.eval_batches(split, 64, [128], None, prefetch=0, packed=True))
-    assert all(b["input_ids"].shape == (rows, 128) and b["row"].shape == (rows, segments) for b in batches)
+    assert all(b["input_ids"].shape == (rows, 64) and b["row"].shape == (rows, segments) for b in batches)
     per_batch = [int((b["weight"] > 0).sum()) for b in batches]
     assert abs(np.mean(per_batch[:-1]) - 64) < 16  # about the batch size's texts a batch
 

@@ -18,7 +18,8 @@ shuffled by (seed, epoch). Evaluation sees every row exactly once: the last batc
 rows of ``weight`` 0.
 
 Packing (flaxclf.data.packing): training draws the same batches with one bucket (max_length) and packs each batch's
-texts into rows; evaluation packs the whole split and cuts the rows into batches of about the batch size's texts.
+texts into rows of row_length(split) tokens; evaluation packs the whole split and cuts the rows into batches of
+about the batch size's texts.
 """
 
 from __future__ import annotations
@@ -261,6 +262,7 @@ class TrainBatches:
         self.local_batch = local_batch_size(global_batch_size, sharding, split.process_count)
         _check_slots(split, global_batch_size)
         self.packing_shapes = packing_shapes
+        self.row_length = row_length(split) if packing_shapes else None  # packed: tokens a row holds
         # Packed batches mix every length (rows fill best that way): one bucket.
         self.bucket_lengths = [split.max_length] if packing_shapes else bucket_lengths(buckets, split.max_length)
         self.row_counts: np.ndarray | None = None  # packed: each step's global rows, [planned epochs, steps]
@@ -285,7 +287,7 @@ class TrainBatches:
         """A step's texts packed one group of slots at a time, (the group's split rows, its packed rows) each: a
         group is a batch shard's slots, whose rows it holds, so the packing is the same for any process count on
         the same number of shards."""
-        return [(g, packing.pack(self.split.lengths[g], self.split.max_length))
+        return [(g, packing.pack(self.split.lengths[g], self.row_length))
                 for g in np.split(idx, self._per_process)]
 
     def plan_packing(self, total_steps: int, row_multiple: int = 1) -> None:
@@ -314,7 +316,7 @@ class TrainBatches:
         """Tokens a step computes per text, over a run's first `steps` steps (packed) or one epoch (padded)."""
         if self.row_counts is not None:
             rows = self.row_counts.ravel()[:steps]
-            return float(rows.mean() * self.split.max_length / self.global_batch_size)
+            return float(rows.mean() * self.row_length / self.global_batch_size)
         steps = [self.bucket_lengths[k] for k, _ in self.epoch_plan(0)]
         return float(np.mean(steps))
 
@@ -322,7 +324,7 @@ class TrainBatches:
         """The batch structs (batch_structs) of every shape the next `steps` batches have."""
         if self.row_counts is None:
             return [batch_structs(self.split, self.global_batch_size, n, self.sharding) for n in self.lengths(steps)]
-        p, length = self.split.process_count, self.split.max_length
+        p, length = self.split.process_count, self.row_length
         return [_structs(packing.host_batch(self.split, np.full((r // p, self.segments), -1), length), r,
                          self.sharding) for r in self.lengths(steps)]
 
@@ -358,7 +360,7 @@ class TrainBatches:
                 per_group = rows // (self._per_process * self.split.process_count)
                 slots = np.concatenate([packing.slots(rows, per_group, self.segments, g)
                                         for g, rows in self._groups(idx)])
-                batch = packing.host_batch(self.split, slots, self.split.max_length)
+                batch = packing.host_batch(self.split, slots, self.row_length)
                 yield epoch, s, _place(batch, self.sharding, rows)
             epoch, step = epoch + 1, 0
 
@@ -428,14 +430,22 @@ def _structs(host: dict, global_rows: int, sharding: jax.sharding.NamedSharding 
             for k, v in host.items()}
 
 
+def row_length(split: TokenizedSplit) -> int:
+    """The tokens of the split's packed rows (packing.row_length of the longest text on any process). Every process
+    must call it at the same time."""
+    longest = int(_allgather_counts(np.array([split.lengths.max(initial=0)])).max())
+    return packing.row_length(longest, split.max_length, split.packing_length, split.name)
+
+
 def packed_eval_plan(split: TokenizedSplit, global_batch_size: int, sharding: jax.sharding.NamedSharding | None
-                     ) -> tuple[int, int, list[np.ndarray]]:
+                     ) -> tuple[int, int, list[np.ndarray], int]:
     """(global rows per batch, text slots per row, each batch's slots [local rows, slots] of local split rows, -1
-    empty) of a packed evaluation: the split packed whole, its rows cut into batches that hold about
-    `global_batch_size` texts. Every process must call it at the same time."""
+    empty, tokens per row) of a packed evaluation: the split packed whole into rows of row_length(split), its rows
+    cut into batches that hold about `global_batch_size` texts. Every process must call it at the same time."""
     _check_processes(split)
     local_batch_size(global_batch_size, sharding, split.process_count)
-    rows = packing.pack(split.lengths, split.max_length)
+    length = row_length(split)
+    rows = packing.pack(split.lengths, length)
     most = max([1, *map(len, rows)])
     counts = _allgather_counts(np.array([len(split), len(rows), most]))
     p = split.process_count
@@ -446,7 +456,7 @@ def packed_eval_plan(split: TokenizedSplit, global_batch_size: int, sharding: ja
     batches = int((-(-counts[:, 1] // local)).max())
     segments = int(counts[:, 2].max())
     return global_rows, segments, [packing.slots(rows[b * local:(b + 1) * local], local, segments)
-                                   for b in range(batches)]
+                                   for b in range(batches)], length
 
 
 def eval_structs(split: TokenizedSplit, global_batch_size: int, buckets: Sequence[int],
@@ -455,9 +465,9 @@ def eval_structs(split: TokenizedSplit, global_batch_size: int, buckets: Sequenc
     if not packed:
         return [batch_structs(split, global_batch_size, n, sharding, evaluation=True)
                 for n in eval_lengths(split, global_batch_size, buckets, sharding)]
-    rows, segments, _ = packed_eval_plan(split, global_batch_size, sharding)
+    rows, segments, _, length = packed_eval_plan(split, global_batch_size, sharding)
     empty = np.full((rows // split.process_count, segments), -1)
-    return [_structs(packing.host_batch(split, empty, split.max_length, evaluation=True), rows, sharding)]
+    return [_structs(packing.host_batch(split, empty, length, evaluation=True), rows, sharding)]
 
 
 def eval_lengths(split: TokenizedSplit, global_batch_size: int, buckets: Sequence[int],
@@ -475,8 +485,8 @@ def eval_batches(split: TokenizedSplit, global_batch_size: int, buckets: Sequenc
     Every process must call it at the same time (it agrees on per-bucket counts with the others).
     """
     if packed:
-        rows, _, slots = packed_eval_plan(split, global_batch_size, sharding)
-        stream = (_place(packing.host_batch(split, s, split.max_length, evaluation=True), sharding, rows)
+        rows, _, slots, length = packed_eval_plan(split, global_batch_size, sharding)
+        stream = (_place(packing.host_batch(split, s, length, evaluation=True), sharding, rows)
                   for s in slots)
     else:
         plan = eval_plan(split, global_batch_size, buckets, sharding)

@@ -90,7 +90,7 @@ def load_task(cfg: DataConfig, model_dir: Path, process_index: int | None = None
         doc = arrays["doc"]
         splits[s] = TokenizedSplit(s, arrays["input_ids"], arrays["token_type_ids"], arrays["offsets"],
                                    label_arrays[s][mine][doc], mine[doc], len(r.keep), cfg.max_length, pi, pc,
-                                   hit, slots, chunked=spec.mode == "chunks")
+                                   hit, slots, chunked=spec.mode == "chunks", packing_length=cfg.packing_length)
         report = length_report(s, arrays["full_lengths"], len(doc), spec, limit, pc == jax.process_count())
         if report:
             say(report)

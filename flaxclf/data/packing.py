@@ -1,6 +1,9 @@
-"""Packing (data.packing=on): the texts of a batch share rows of data.max_length tokens, told apart by segment ids.
+"""Packing (data.packing=on): the texts of a batch share rows of tokens, told apart by segment ids.
 
-A packed batch has R rows of L = max_length tokens. Its "attention_mask" holds each token's segment: 1, 2, ..., for
+A packed batch has R rows of L tokens: data.packing_length where set, else the split's longest text rounded up to
+a multiple of 16 (row_length). Not max_length: a token's attention spans its whole row (masked to its text), so
+that work grows with L, and rows no longer than the texts need run the main job's step 1.14x faster than rows of
+max_length (bench/README.md, section 2c). Its "attention_mask" holds each token's segment: 1, 2, ..., for
 the texts in the order they sit in the row, 0 on padding (flaxclf.nn.segments reads it; an unpacked batch's 0/1
 mask is the one-segment case), and its per-text fields ("labels", "weight", evaluation's "row") are [R, S]: one
 slot per text a row can hold, weight 0 where a row holds fewer. Token types are each text's own; positions restart
@@ -19,7 +22,21 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from flaxclf.data.types import TokenizedSplit
+from flaxclf.data.types import DataError, TokenizedSplit
+
+ROW_MULTIPLE = 16  # a fitted row's length is a multiple of this: a whole number of 16-float vectors
+
+
+def row_length(longest: int, max_length: int, setting: int | None, split: str) -> int:
+    """The tokens a packed row of `split` holds: `setting` (data.packing_length) where given, else the longest text
+    (`longest` tokens, over every process) rounded up to a multiple of ROW_MULTIPLE, at most max_length."""
+    if setting is None:
+        return min(max_length, max(ROW_MULTIPLE, -(-longest // ROW_MULTIPLE) * ROW_MULTIPLE))
+    if longest > setting:
+        raise DataError(f"the {split} split has a text of {longest} tokens, longer than a packed row of "
+                        f"data.packing_length {setting}; raise data.packing_length to {longest} or more, or set it "
+                        f"to null to fit the rows to the texts")
+    return setting
 
 
 def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:

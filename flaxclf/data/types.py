@@ -47,6 +47,7 @@ class TokenizedSplit:
     batch_slots: int | None = None  # rows sharded as the slots of this global batch size; None: rows i % P
     # data.long_text=chunks: a row is one window of a text, and `rows` repeats the text's index for each window.
     chunked: bool = False
+    packing_length: int | None = None  # data.packing_length: a packed row's tokens; None: fitted to the texts
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -185,9 +185,9 @@ def logits(loaded: Loaded, split: data.TokenizedSplit, batch_size: int = 64, pro
     if len(split) == 0:
         return np.zeros((0, loaded.model.config.num_labels), np.float32)
     if loaded.packing:
-        _, segments, slots = data.packed_eval_plan(split, batch_size, None)
+        _, segments, slots, length = data.packed_eval_plan(split, batch_size, None)
         plan = [(segments, s[s >= 0], s >= 0) for s in slots]
-        batches = (packing.host_batch(split, s, split.max_length) for s in slots)
+        batches = (packing.host_batch(split, s, length) for s in slots)
     else:
         plan = [(None, idx, slice(len(idx))) for _, idx in data.eval_plan(split, batch_size, loaded.buckets, None)]
         batches = data.eval_batches(split, batch_size, loaded.buckets, None, prefetch=0)
