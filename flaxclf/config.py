@@ -75,13 +75,15 @@ class DataConfig:
     label_column: str = "label"
     label_type: Literal["auto", "string", "int", "float", "multi"] = "auto"
     max_length: int = 128
-    # Several texts share each row of max_length tokens, told apart by segment ids; each text's outputs are those it
+    # Several texts share each row (packing_length), told apart by segment ids; each text's outputs are those it
     # has alone (README, "Packing"). on: pads least and compiles at most packing_shapes train steps (one static
     # shape with packing_shapes=1, as a TPU wants); off: each batch pads its texts to a length bucket. on ran the main
     # job in 0.94x the wall time of off, with 0.69x its peak memory, on a 2-core CPU (bench/README.md, section
     # 2c): on is the default.
     packing: Literal["on", "off"] = "on"
-    packing_shapes: int = 4  # packing: the most row counts a run's train steps take; 1 = one static shape (TPU)
+    # packing: the most row counts a run's train steps take; 1 = one static shape (TPU). On the main job a fourth
+    # shape pads 0.9% fewer tokens than three but costs a compile of ~20 steps' time (bench/README.md, section 2c).
+    packing_shapes: int = 3
     # packing: a row's tokens; null: the split's longest text rounded up to a multiple of 16 (at most max_length),
     # since every token's attention spans its row. Set it (>= the longest text) for one row length whatever the data.
     packing_length: int | None = None
