@@ -91,20 +91,29 @@ def test_the_cap_gives_a_freed_hole_back_and_nothing_else_does(capped):
 
 
 def test_a_cap_inside_a_steps_working_set_rises_above_it_and_trims_are_spaced():
-    """Trims that give back what the running step faults in again (the resident memory stays within the margin
-    of the cap) raise the cap above the working set, and it trims no more; trims that give back holes (the heap
-    grown by fragmentation) keep the cap where it is, and come at least `spacing` seconds apart unless the heap
-    has grown past the margin above the cap."""
+    """Trims that give back what the steps fault in again raise the cap above the working set, and it trims no
+    more: a trim that leaves the resident memory within the margin of the cap (taken during a step), or one whose
+    memory is back within `spacing` seconds (taken between steps). A heap that grows past where the last trim
+    started is trimmed at once, and memory that takes longer than `spacing` to come back is trimmed again, the cap
+    kept where it is."""
     gb, margin = 10**9, 256 * 2**20
     thrash = hostmem.HeapCap(2 * gb, margin=margin, spacing=0.0)
     for step in range(5):  # each step: 2.3 GB resident, 1.9 GB of it in use
         thrash.look(int(2.3 * gb), trim=lambda: int(1.9 * gb), now=step)
     assert (thrash.trims, thrash.raises, thrash.limit, thrash.start_limit) == (1, 1, int(2.3 * gb) + margin, 2 * gb)
 
+    between = hostmem.HeapCap(2 * gb, margin=margin, spacing=10.0)
+    # a look every second; steps fault 2.4 GB in, and a trim between two steps gives 1.1 GB back, which the next
+    # steps fault in again: the second look past the cap raises it instead of trimming
+    for t in range(20):
+        between.look(int(2.4 * gb), trim=lambda: int(1.3 * gb), now=float(t))
+    assert (between.trims, between.raises, between.limit) == (1, 1, int(2.4 * gb) + margin)
+
     holes = hostmem.HeapCap(2 * gb, margin=margin, spacing=10.0)
-    # a look every 3 s; the heap grows with holes, and each trim gives 1.1 GB back: within the margin above the
-    # limit (2.2 GB) trims wait 10 s for the last, past it (2.3, 2.4 GB) they come at once
-    for step, resident in enumerate((1.5, 2.2, 2.1, 2.2, 2.3, 1.9, 2.2, 2.1, 2.4)):
+    # a look every 3 s; each trim gives 1.1 GB of holes back: within the margin above the limit (2.1, 2.2 GB)
+    # trims wait 10 s for the last; a heap grown past the margin above where the last trim started (2.5 GB after
+    # 2.2) is trimmed at once; 2.2 GB again 12 s after a trim is trimmed again
+    for step, resident in enumerate((1.5, 2.2, 2.1, 2.2, 2.5, 1.9, 2.2, 2.1, 2.2)):
         holes.look(int(resident * gb), trim=lambda resident=resident: int((resident - 1.1) * gb), now=3.0 * step)
     assert (holes.trims, holes.raises, holes.limit) == (3, 0, 2 * gb)  # at 3 s, 12 s and 24 s
 
