@@ -11,7 +11,7 @@ data files, through `flaxclf train` (data.task=null data.train_file=...), `evalu
     unknown extension, a validation label never seen in training, labels the model does not know, a folder
     given as a file, a header that names a column twice
 config: YAML syntax error in --config, unknown key (with did-you-mean), wrong type, bad literal, a --config file
-    that does not exist, mesh sizes that do not fit the devices
+    that does not exist, mesh sizes that do not fit the devices, packed rows shorter than a text
 CLI arguments: unknown subcommand, --step that is not a step, --text-pair-column on plain lines, an unrecognized
     option
 model folders: a model.name path that does not exist, a folder without config.json, a folder without tokenizer
@@ -190,6 +190,8 @@ CASES = [
     Case("config-file-missing", ("train", "--config", "{d}/nowhere.yaml", "train.output_dir={fresh}"),
          ("{d}/nowhere.yaml", "does not exist")),
     Case("config-mesh-does-not-fit", _train_new("mesh.data=3"), ("data=3", "1 available device")),
+    Case("config-packing-length-too-short", _train_new("data.packing_length=8"),
+         ("train split", "data.packing_length 8", "set it to null")),
     # -- command-line arguments
     Case("cli-unknown-subcommand", ("frobnicate", "{d}/texts.txt"), ("'frobnicate'",)),
     Case("cli-step-not-a-step", ("evaluate", "{run}", "--step", "xyz"), ("--step", "'xyz'")),
