@@ -82,7 +82,7 @@ class DataConfig:
     # 2c): on is the default.
     packing: Literal["on", "off"] = "on"
     # packing: the most row counts a run's train steps take; 1 = one static shape (TPU). On the main job a fourth
-    # shape pads 0.9% fewer tokens than three but costs a compile of ~20 steps' time (bench/README.md, section 2c).
+    # shape saves less step time than its compile takes (bench/README.md, section 2c).
     packing_shapes: int = 3
     # packing: a row's tokens; null: the split's longest text rounded up to a multiple of 16 (at most max_length),
     # since every token's attention spans its row. Set it (>= the longest text) for one row length whatever the data.

@@ -2,8 +2,8 @@
 
 A packed batch has R rows of L tokens: data.packing_length where set, else the split's longest text rounded up to
 a multiple of 16 (row_length). Not max_length: a token's attention spans its whole row (masked to its text), so
-that work grows with L, and rows no longer than the texts need run the main job's step 1.14x faster than rows of
-max_length (bench/README.md, section 2c). Its "attention_mask" holds each token's segment: 1, 2, ..., for
+that work grows with L, and rows no longer than the texts need make the step faster (bench/README.md, section
+2c). Its "attention_mask" holds each token's segment: 1, 2, ..., for
 the texts in the order they sit in the row, 0 on padding (flaxclf.nn.segments reads it; an unpacked batch's 0/1
 mask is the one-segment case), and its per-text fields ("labels", "weight", evaluation's "row") are [R, S]: one
 slot per text a row can hold, weight 0 where a row holds fewer. Token types are each text's own; positions restart

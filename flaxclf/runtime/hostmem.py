@@ -92,8 +92,7 @@ class HeapCap:
     process holds (a step's blocks do not always land in the holes the last one left), and the next steps fault
     them in again. So memory back within `margin` of where the last trim started, less than `spacing` seconds
     after it, raises the limit to the resident memory plus `margin`, without a trim: that trim gave back pages the
-    steps use. Without this rule the packed main job, its cap at 1.26 GB and its steps needing ~2.1 GB, trimmed
-    73 times in 200 steps and ran 17% slower than with no cap (bench/README.md, "Host memory").
+    steps use (without this rule the packed main job trimmed every few steps: bench/README.md, "Host memory").
 
     Otherwise trims are at least `spacing` seconds apart while the resident memory stays within `margin` above
     the limit: a job whose steps take a few shapes moves their blocks around the heap, and a trim gives back
