@@ -90,14 +90,14 @@ class HeapCap:
     A trim taken between two steps gives back their freed temporaries, and leaves the resident memory low
     whatever the cap. The steps' blocks settle at up to about three times a step's temporaries above what the
     process holds (a step's blocks do not always land in the holes the last one left), and the next steps fault
-    them in again. So memory back within `margin` of where the last trim started, less than `spacing` seconds
-    after it, raises the limit to the resident memory plus `margin`, without a trim: that trim gave back pages the
-    steps use (without this rule the packed main job trimmed every few steps: bench/README.md, "Host memory").
+    them in again. So memory back above the limit less than `spacing` seconds after a trim, and no more than
+    `margin` above where that trim started, raises the limit to the resident memory plus `margin`, without a
+    trim: that trim gave back pages the steps use. A trim can't lower the peak of memory that comes back, only
+    add its page faults (the packed main job trimmed every few steps without this rule, and every 10 s when it
+    held only for memory more than `margin` above the limit: bench/README.md, "Host memory").
 
-    Otherwise trims are at least `spacing` seconds apart while the resident memory stays within `margin` above
-    the limit: a job whose steps take a few shapes moves their blocks around the heap, and a trim gives back
-    holes that the next steps' blocks fault in again. A heap that grows past where the last trim started (the
-    buckets' fragmentation) is trimmed at once."""
+    Otherwise the heap is trimmed again once `spacing` seconds have passed since the last trim, or at once where
+    it grew more than `margin` past both the limit and where the last trim started (the buckets' fragmentation)."""
 
     def __init__(self, limit: int, every: float = 0.2, margin: int = 256 * 2**20, spacing: float = 10.0):
         self.limit, self.every, self.margin, self.spacing = int(limit), every, margin, spacing
@@ -113,12 +113,13 @@ class HeapCap:
         if resident <= self.limit:
             return
         recent = now - self._last < self.spacing
-        if recent and resident <= self.limit + self.margin:
-            return
         if recent and resident <= self._trimmed_at + self.margin:
-            # Back where the last trim started, within `spacing`: that trim gave back pages the steps use.
+            # Back above the cap within `spacing` of the last trim, and no higher than where it started: that trim
+            # gave back pages the steps use, and the next would too.
             self.limit = resident + self.margin
             self.raises += 1
+            return
+        if recent and resident <= self.limit + self.margin:
             return
         after = trim()
         self.trims, self._last, self._trimmed_at = self.trims + 1, now, resident
