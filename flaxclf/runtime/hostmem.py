@@ -93,8 +93,8 @@ class HeapCap:
     them in again. So memory back above the limit less than `spacing` seconds after a trim, and no more than
     `margin` above where that trim started, raises the limit to the resident memory plus `margin`, without a
     trim: that trim gave back pages the steps use. A trim can't lower the peak of memory that comes back, only
-    add its page faults (the packed main job trimmed every few steps without this rule, and every 10 s when it
-    held only for memory more than `margin` above the limit: bench/README.md, "Host memory").
+    add its page faults (without this rule the packed main job trims every few seconds: bench/README.md, "Host
+    memory").
 
     Otherwise the heap is trimmed again once `spacing` seconds have passed since the last trim, or at once where
     it grew more than `margin` past both the limit and where the last trim started (the buckets' fragmentation)."""
