@@ -116,16 +116,18 @@ class HeapCap:
         if recent and resident <= self._trimmed_at + self.margin:
             # Back above the cap within `spacing` of the last trim, and no higher than where it started: that trim
             # gave back pages the steps use, and the next would too.
-            self.limit = resident + self.margin
-            self.raises += 1
+            self._raise_above(resident)
             return
         if recent and resident <= self.limit + self.margin:
             return
         after = trim()
         self.trims, self._last, self._trimmed_at = self.trims + 1, now, resident
         if after > self.limit - self.margin:
-            self.limit = resident + self.margin
-            self.raises += 1
+            self._raise_above(resident)
+
+    def _raise_above(self, resident: int) -> None:
+        self.limit = resident + self.margin
+        self.raises += 1
 
     def start(self) -> HeapCap:
         malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
