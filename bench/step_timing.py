@@ -116,7 +116,8 @@ def timed(make: Callable[[], tuple[Callable[[], None], dict]], reps: int) -> tup
         call()
         times.append(time.perf_counter() - t)
     median = sorted(times)[len(times) // 2]
-    return median, {"median_s": round(median, 3), "setup_and_first_call_s": round(first, 1), **info}
+    return median, {"median_s": round(median, 3), "times_s": [round(t, 2) for t in times],
+                    "setup_and_first_call_s": round(first, 1), **info}
 
 
 def run_process(cmd: list[str]) -> tuple[str, str, int, float]:

@@ -124,6 +124,19 @@ def test_masked_lm_and_base_checkpoints_load_every_hidden_state(case, kind, tmp_
         from_pretrained(str(tmp_path), num_labels=3)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_relative_terms_by_blocks_match_pytorch(case, tmp_path, monkeypatch):
+    """The relative terms by blocks of 4 rows (3 blocks at the suite's 12 tokens, as blocks of 64 at 512 tokens):
+    the loss and every gradient equal transformers' within the bounds tests/test_families.py checks one block
+    against."""
+    from flaxclf.models.deberta import encoder
+    from tests import test_families
+
+    monkeypatch.setattr(encoder, "REL_BLOCK", 4)
+    assert encoder._block_rows(12) == 4
+    test_families.test_loss_and_every_gradient_match_pytorch(case, tmp_path)
+
+
 def _grid_sized(hlo: str, op: str, elements: int) -> list[str]:
     """The `op` instructions of an HLO text any of whose shapes (result, operands, indices) has `elements` or
     more: the [B, H, L, L] grid of scores or of their indices, however XLA flattens it. Operands print by name:

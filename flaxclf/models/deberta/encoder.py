@@ -10,11 +10,12 @@ What DeBERTa does differently from BERT, and how this module does it:
   * the scores divide by sqrt(head_dim * (1 + the number of relative terms)).
 transformers gathers the relative terms with [B, H, L, L] index arrays (torch.gather), which XLA lowers to slow
 gathers and, in the backward pass, scatters. Here there is no index array: a row of the relative table serves
-every (i, j) at the same distance, so each query (key) is multiplied with the 2L - 1 rows that distances
--(L - 1) .. L - 1 read (a matmul against a [2L - 1, Dh] table picked once from the 2k rows with a constant index
-of the static length), and the [L, 2L - 1] result is realigned to [L, L] by a skew: flatten, drop L - 1
-elements, reshape to rows of 2L - 2, keep the first L columns (_skew). Reshapes and slices only, forward and
-backward. Packed rows need nothing more: distances within a text are the same wherever it sits in its row, and
+every (i, j) at the same distance, so a block of R queries (keys) is multiplied with the L + R - 1 rows that
+its distances read (a matmul against a [L + R - 1, Dh] table picked once from the 2k rows with a constant index
+of the static length; the batch's rows join the matmul's, so the table is not copied per example), and the
+[R, L + R - 1] result is realigned to [R, L] by a skew: flatten, drop R - 1 elements, reshape to rows of
+L + R - 2, keep the first L columns (_skew). Reshapes and slices only, forward and backward.
+Packed rows need nothing more: distances within a text are the same wherever it sits in its row, and
 the mask keeps each query within its own text.
 
 `dtype` is the matmul input dtype, as in flaxclf.models.bert.encoder: fp32 (the default) is exact; bf16 is mixed
@@ -31,6 +32,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flaxclf.models.deberta.spec import DebertaV2Spec
 from flaxclf.nn.activations import ACTIVATIONS
@@ -50,12 +52,39 @@ def layer_norm(spec: DebertaV2Spec) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=spec.layer_norm_eps, dtype=jnp.float32, use_fast_variance=False)
 
 
-def _skew(t: jax.Array) -> jax.Array:
-    """[..., L, 2L - 1] -> [..., L, L]: out[..., i, j] = t[..., i, j - i + L - 1]. Row i of the flattened
-    [L, 2L - 2] view, after dropping the first L - 1 elements, starts at t[i, L - 1 - i]."""
-    *lead, n, m = t.shape
-    flat = t.reshape(*lead, n * m)[..., n - 1: n - 1 + n * (m - 1)]
-    return flat.reshape(*lead, n, m - 1)[..., :n]
+def _skew(t: jax.Array, n: int) -> jax.Array:
+    """[..., R, n + R - 1] -> [..., R, n]: out[..., i, j] = t[..., i, j - i + R - 1]. Row i of the flattened
+    [R, n + R - 2] view, after dropping the first R - 1 elements, starts at t[i, R - 1 - i]."""
+    *lead, r, w = t.shape
+    flat = t.reshape(*lead, r * w)[..., r - 1: r - 1 + r * (w - 1)]
+    return flat.reshape(*lead, r, w - 1)[..., :n]
+
+
+REL_BLOCK = 64
+
+
+def _block_rows(n: int) -> int:
+    """Rows (queries, or keys for p2c) per block of the relative terms: the largest divisor of n from
+    REL_BLOCK / 2 to REL_BLOCK, else n (one block). A block of R rows reaches n + R - 1 distances where one block
+    of n reaches 2n - 1: blocks of 64 do 0.56x the work at n = 512, 0.75x at 128 (bench/README.md, section 9)."""
+    return next((r for r in range(min(REL_BLOCK, n - 1), REL_BLOCK // 2 - 1, -1) if n % r == 0), n)
+
+
+def _relative(x_BxHxLxDh, table_xRxD, proj, idx, heads, dtype) -> jax.Array:
+    """[B, H, L, L]: out[..., i, j] = x_i . proj(table)[idx[L - 1 + j - i]], i.e. row i of x against the
+    projected row that the distance j - i reads, by blocks of R rows of x (_block_rows): block g's rows
+    g R .. g R + R - 1 reach the L + R - 1 distances from -(g R + R - 1) to L - 1 - g R, one matmul against
+    those rows (picked by a constant index from the 2k-row table) and a skew realign them."""
+    b, h, n, dh = x_BxHxLxDh.shape
+    r = _block_rows(n)
+    g, w = n // r, n + r - 1
+    order = np.stack([idx[n - r - i * r: n - r - i * r + w] for i in range(g)])  # [G, W]
+    t_HxGxWxDh = jnp.swapaxes(heads(proj(table_xRxD)[order]), 0, 1)
+    # The batch's rows join each block's matmul rows: the table is not copied per example, and its gradient
+    # is one matmul.
+    x_HxGxBRxDh = jnp.moveaxis(x_BxHxLxDh.reshape(b, h, g, r, dh), 0, 2).reshape(h, g, b * r, dh)
+    scores = mm(x_HxGxBRxDh, jnp.swapaxes(t_HxGxWxDh, -1, -2), dtype).reshape(h, g, b, r, w)
+    return jnp.moveaxis(_skew(scores, n), 2, 0).reshape(b, h, n, n)
 
 
 class _Embeddings(nn.Module):
@@ -123,16 +152,12 @@ class _SelfAttention(nn.Module):
         if s.relative_attention and s.pos_att_type:
             rel = self.pos_dropout(rel_2kxD, deterministic=deterministic)
             idx = s.relative_index(n)  # the table's row for each distance -(n - 1) .. n - 1 (a constant)
-
-            def by_distance(proj, order):  # [B, H, 2n - 1, Dh]: the projected rows, one per distance
-                return jnp.broadcast_to(heads(proj(rel)[order]), (b, h, 2 * n - 1, dh))
-
-            if "c2p" in s.pos_att_type:  # q_i . Kr[d(i - j)]; columns from distance n - 1 down to -(n - 1)
-                kr = by_distance(self.key_proj if s.share_att_key else self.pos_key_proj, idx[::-1])
-                scores = scores + _skew(mm(q, jnp.swapaxes(kr, -1, -2), dt))
+            if "c2p" in s.pos_att_type:  # q_i . Kr[d(i - j)]
+                kproj = self.key_proj if s.share_att_key else self.pos_key_proj
+                scores = scores + _relative(q, rel, kproj, idx[::-1], heads, dt)
             if "p2c" in s.pos_att_type:  # k_j . Qr[d(i - j)]: row j, column i, then transposed
-                qr = by_distance(self.query_proj if s.share_att_key else self.pos_query_proj, idx)
-                scores = scores + jnp.swapaxes(_skew(mm(k, jnp.swapaxes(qr, -1, -2), dt)), -1, -2)
+                qproj = self.query_proj if s.share_att_key else self.pos_query_proj
+                scores = scores + jnp.swapaxes(_relative(k, rel, qproj, idx, heads, dt), -1, -2)
         scores = scores * (dh * s.scale_factor) ** -0.5 + bias_Bx1xQxL
         # softmax(s) @ v as (exp(s - max) @ v) / sum, as flaxclf.models.bert.encoder does: XLA:CPU fuses the
         # exponential (and the dropout mask) into the second matmul.
