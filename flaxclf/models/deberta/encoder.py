@@ -70,7 +70,7 @@ def _block_rows(n: int) -> int:
     return next((r for r in range(min(REL_BLOCK, n - 1), REL_BLOCK // 2 - 1, -1) if n % r == 0), n)
 
 
-def _relative(x_BxHxLxDh, table_xRxD, proj, idx, heads, dtype) -> jax.Array:
+def _relative(x_BxHxLxDh, table_xRxD, proj, idx, dtype) -> jax.Array:
     """[B, H, L, L]: out[..., i, j] = x_i . proj(table)[idx[L - 1 + j - i]], i.e. row i of x against the
     projected row that the distance j - i reads, by blocks of R rows of x (_block_rows): block g's rows
     g R .. g R + R - 1 reach the L + R - 1 distances from -(g R + R - 1) to L - 1 - g R, one matmul against
@@ -79,7 +79,7 @@ def _relative(x_BxHxLxDh, table_xRxD, proj, idx, heads, dtype) -> jax.Array:
     r = _block_rows(n)
     g, w = n // r, n + r - 1
     order = np.stack([idx[n - r - i * r: n - r - i * r + w] for i in range(g)])  # [G, W]
-    t_HxGxWxDh = jnp.swapaxes(heads(proj(table_xRxD)[order]), 0, 1)
+    t_HxGxWxDh = jnp.transpose(proj(table_xRxD)[order].reshape(g, w, h, dh), (2, 0, 1, 3))
     # The batch's rows join each block's matmul rows: the table is not copied per example, and its gradient
     # is one matmul.
     x_HxGxBRxDh = jnp.moveaxis(x_BxHxLxDh.reshape(b, h, g, r, dh), 0, 2).reshape(h, g, b * r, dh)
@@ -154,10 +154,10 @@ class _SelfAttention(nn.Module):
             idx = s.relative_index(n)  # the table's row for each distance -(n - 1) .. n - 1 (a constant)
             if "c2p" in s.pos_att_type:  # q_i . Kr[d(i - j)]
                 kproj = self.key_proj if s.share_att_key else self.pos_key_proj
-                scores = scores + _relative(q, rel, kproj, idx[::-1], heads, dt)
+                scores = scores + _relative(q, rel, kproj, idx[::-1], dt)
             if "p2c" in s.pos_att_type:  # k_j . Qr[d(i - j)]: row j, column i, then transposed
                 qproj = self.query_proj if s.share_att_key else self.pos_query_proj
-                scores = scores + jnp.swapaxes(_relative(k, rel, qproj, idx, heads, dt), -1, -2)
+                scores = scores + jnp.swapaxes(_relative(k, rel, qproj, idx, dt), -1, -2)
         scores = scores * (dh * s.scale_factor) ** -0.5 + bias_Bx1xQxL
         # softmax(s) @ v as (exp(s - max) @ v) / sum, as flaxclf.models.bert.encoder does: XLA:CPU fuses the
         # exponential (and the dropout mask) into the second matmul.
